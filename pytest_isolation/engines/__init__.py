@@ -1,0 +1,23 @@
+"""The built-in engines, registered through the same hook as third-party ones."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from .basic import BasicEngine
+from .virtualenv import VirtualenvEngine
+
+if TYPE_CHECKING:
+    from ..manager import EngineRegistry
+
+hookimpl = pluggy.HookimplMarker("pytest")
+
+BUILTIN_ENGINES = (BasicEngine, VirtualenvEngine)
+
+
+@hookimpl(trylast=True)
+def pytest_isolation_register_engines(registry: EngineRegistry) -> None:
+    for engine in BUILTIN_ENGINES:
+        registry.register(engine, default=True)

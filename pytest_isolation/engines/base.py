@@ -1,0 +1,332 @@
+"""The contract every engine implements, built-in or third-party.
+
+An :class:`Engine` makes environments.  Whatever it makes (directories,
+processes, containers ...) it first declares to :class:`Resources`, which
+writes the ledger and stacks the resource for release in reverse order.  The
+engine's :meth:`Engine.release` undoes one resource from its ledger record
+alone, so the same code tears down a live environment and reaps the leftovers
+of a killed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import shutil
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import ClassVar
+
+from ..errors import InvalidSpec, IsolationError, OperationNotSupported
+from ..execution import Command, ExecResult, Usage, normalize_command
+from ..ledger import Ledger, Owner, ResourceRecord, same_process
+from ..spec import EnvSpec, Option
+
+__all__ = [
+    "Availability",
+    "Engine",
+    "EngineContext",
+    "EnvStatus",
+    "IsolatedEnvironment",
+    "Resources",
+]
+
+
+class EnvStatus(str, enum.Enum):
+    """Where an environment is in its life."""
+
+    CREATING = "creating"
+    READY = "ready"
+    TEARING_DOWN = "tearing down"
+    DESTROYED = "destroyed"
+    KEPT = "kept"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether an engine can run here; if not, why and how to fix it."""
+
+    available: bool
+    reason: str = ""
+    fix: str = ""
+    detail: str = ""
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What an engine may use from the run: its identity and where to put things."""
+
+    session_id: str
+    owner: Owner
+    cache_dir: Path
+    temp_dir: Path
+
+
+class Resources:
+    """The resources of one environment, recorded in the ledger before they exist.
+
+    :meth:`add` writes the record and stacks it; :meth:`release_all` releases
+    the stack in reverse order, continuing past failures, and removes a
+    record from the ledger only once its resource is gone.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        owner: Owner,
+        *,
+        engine: str,
+        env_id: str,
+        release: Callable[[ResourceRecord], None],
+        description: str = "",
+    ) -> None:
+        self.ledger = ledger
+        self.owner = owner
+        self.engine = engine
+        self.env_id = env_id
+        self.description = description
+        self._release = release
+        self._stack: list[ResourceRecord] = []
+
+    @property
+    def records(self) -> tuple[ResourceRecord, ...]:
+        return tuple(self._stack)
+
+    def add(self, kind: str, identifier: str, **data: object) -> ResourceRecord:
+        """Record a resource about to be created; call before creating it."""
+        record = self.ledger.add(
+            ResourceRecord(
+                kind=kind,
+                identifier=identifier,
+                engine=self.engine,
+                env_id=self.env_id,
+                owner=self.owner,
+                data=data,
+                description=self.description,
+            )
+        )
+        self._stack.append(record)
+        return record
+
+    def track_process(self, pid: int) -> Callable[[], None]:
+        """Record a running process for the duration of a command (an ``on_spawn`` hook)."""
+        record = self.ledger.add(
+            ResourceRecord(
+                kind="process",
+                identifier=str(pid),
+                engine=self.engine,
+                env_id=self.env_id,
+                owner=self.owner,
+                data={"started": _started(pid), "group": True},
+                description=self.description,
+            )
+        )
+        return lambda: self.ledger.remove(record)
+
+    def release_all(self) -> list[BaseException]:
+        """Release every resource, newest first; returns the failures instead of stopping."""
+        errors: list[BaseException] = []
+        while self._stack:
+            record = self._stack.pop()
+            try:
+                self._release(record)
+            except Exception as exc:
+                errors.append(exc)  # the record stays in the ledger for cleanup to retry
+            else:
+                self.ledger.remove(record)
+        return errors
+
+    def keep(self, until: float) -> list[ResourceRecord]:
+        """Mark every resource as kept until ``until`` and hand them to the ledger alone."""
+        kept = [self.ledger.keep(record, until) for record in self._stack]
+        self._stack.clear()
+        return kept
+
+
+def _started(pid: int) -> float:
+    from ..ledger import process_started
+
+    return process_started(pid) or time.time()
+
+
+def release_directory(record: ResourceRecord) -> None:
+    """Remove a directory tree, making read-only parts writable first."""
+    path = Path(record.identifier)
+
+    def make_writable(function: Callable[..., object], name: str, exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(name), 0o700)
+            os.chmod(name, 0o700)
+        function(name)
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, onerror=make_writable)
+
+
+def release_process(record: ResourceRecord) -> None:
+    """Kill a process (and its process group) if it is still the one that was recorded."""
+    pid = int(record.identifier)
+    started = record.data.get("started")
+    if not isinstance(started, int | float) or not same_process(pid, float(started)):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if record.data.get("group"):
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+
+
+class Engine(ABC):
+    """Creates environments of one kind.  Engines never import pytest.
+
+    Subclasses set :attr:`name`, declare their marker :attr:`options` and the
+    :attr:`supported_limits` they enforce, implement :meth:`create`, and
+    extend :meth:`release` for resource kinds of their own.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    options: ClassVar[Mapping[str, Option]] = {}
+    supported_limits: ClassVar[frozenset[str]] = frozenset({"timeout"})
+
+    def __init__(self, context: EngineContext) -> None:
+        self.context = context
+
+    def availability(self) -> Availability:
+        """Whether this engine can create environments on this machine."""
+        return Availability(True)
+
+    @abstractmethod
+    def create(self, spec: EnvSpec, env_id: str, resources: Resources) -> IsolatedEnvironment:
+        """Make an environment for ``spec``; declare each resource to ``resources`` first.
+
+        On failure, raise: the manager releases whatever ``resources`` holds.
+        """
+
+    def release(self, record: ResourceRecord) -> None:
+        """Undo one resource from its ledger record; tolerate a resource that is already gone."""
+        releasers: dict[str, Callable[[ResourceRecord], None]] = {
+            "directory": release_directory,
+            "process": release_process,
+        }
+        try:
+            releaser = releasers[record.kind]
+        except KeyError:
+            raise IsolationError(
+                f"engine {self.name!r} cannot release resources of kind {record.kind!r}"
+            ) from None
+        releaser(record)
+
+    def prune_cache(self, older_than: float | None) -> list[str]:
+        """Remove cached data unused for ``older_than`` seconds (all if None); returns what went."""
+        return []
+
+    def close(self) -> None:
+        """Release engine-wide state (clients, pools) at the end of the run."""
+
+
+class IsolatedEnvironment(ABC):
+    """One isolated environment, handed to a test as ``isolated_env``.
+
+    ``path`` is the host path of its workspace, or ``None`` where the
+    workspace lives elsewhere (a container, a pod).
+    """
+
+    def __init__(self, *, env_id: str, spec: EnvSpec, resources: Resources, path: Path | None):
+        self.id = env_id
+        self.spec = spec
+        self.path = path
+        self.resources = resources
+        self.status = EnvStatus.CREATING
+        self._usage = Usage()
+
+    @property
+    def engine(self) -> str:
+        return self.spec.engine
+
+    def __repr__(self) -> str:
+        where = f" at {self.path}" if self.path else ""
+        return f"<{type(self).__name__} {self.id} {self.status.value}{where}>"
+
+    def run(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        input: str | bytes | None = None,
+        shell: bool = False,
+    ) -> ExecResult:
+        """Run a command inside the environment and return its result (never raises for a
+        non-zero exit; call :meth:`ExecResult.check` for that).
+
+        ``timeout`` defaults to the environment's ``timeout`` limit; ``cwd`` is
+        relative to the workspace; ``env`` adds variables for this command.
+        """
+        if self.status is not EnvStatus.READY:
+            raise IsolationError(f"environment {self.id} is {self.status.value}, not ready")
+        argv = normalize_command(cmd, shell=shell)
+        if timeout is None:
+            timeout = self.spec.limits.timeout
+        result = self._run(argv, timeout=timeout, env=dict(env or {}), cwd=cwd, input=input)
+        self._usage.add(result)
+        return result
+
+    @abstractmethod
+    def _run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | None,
+        env: dict[str, str],
+        cwd: str | os.PathLike[str] | None,
+        input: str | bytes | None,
+    ) -> ExecResult:
+        """Execute ``argv`` in the environment."""
+
+    def install(self, packages: Sequence[str]) -> ExecResult:
+        """Install Python packages into the environment."""
+        raise OperationNotSupported(self.engine, "install", "use the virtualenv engine")
+
+    def write_file(self, rel: str, data: str | bytes) -> None:
+        """Write ``data`` to ``rel`` inside the workspace, creating parent directories."""
+        target = self._workspace_path(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.encode() if isinstance(data, str) else data)
+
+    def read_file(self, rel: str) -> bytes:
+        """The bytes of ``rel`` inside the workspace."""
+        return self._workspace_path(rel).read_bytes()
+
+    def _workspace_path(self, rel: str) -> Path:
+        if self.path is None:
+            raise OperationNotSupported(self.engine, "file access without a host path")
+        relative = PurePosixPath(rel)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise InvalidSpec(
+                f"{rel!r} must be a relative path inside the workspace, without '..'",
+                source=f"environment {self.id}",
+            )
+        return self.path.joinpath(*relative.parts)
+
+    def usage(self) -> Usage:
+        """Set-up time and what the environment's commands used so far."""
+        return self._usage
+
+    def validate(self) -> list[str]:
+        """Problems that make the environment unusable; empty when it is healthy."""
+        if self.path is not None and not self.path.is_dir():
+            return [f"workspace {self.path} is missing"]
+        return []

@@ -1,0 +1,117 @@
+"""The ``basic`` engine: a private workspace with its own HOME and TMPDIR and a clean environment.
+
+Layout of one environment (``<root>`` is ``$TMPDIR/pytest-isolation-<session>-<id>``)::
+
+    <root>/workspace   the working directory of every command (``env.path``)
+    <root>/home        HOME
+    <root>/tmp         TMPDIR, TMP and TEMP
+
+Commands see only the variables of an allow-list (``PATH``, locale and
+terminal settings, ``USER``), those named by the ``inherit_env`` option, and
+those the test passes — so secrets and settings of the host do not leak in.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+
+from ..execution import ExecResult, execute
+from ..spec import EnvSpec, Option, string_list
+from .base import Engine, IsolatedEnvironment, Resources
+
+#: Host variables every local environment inherits; ``inherit_env`` adds more names or patterns.
+DEFAULT_INHERIT = (
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TERM",
+    "TZ",
+    "USER",
+    "LOGNAME",
+    "SYSTEMROOT",
+    "COMSPEC",
+    "PATHEXT",
+    "WINDIR",
+)
+
+LOCAL_OPTIONS: Mapping[str, Option] = MappingProxyType(
+    {
+        "inherit_env": Option(
+            "inherit_env",
+            "names or glob patterns of host environment variables to pass through",
+            string_list,
+            (),
+        ),
+    }
+)
+
+
+class LocalEnvironment(IsolatedEnvironment):
+    """An environment whose commands run on the host, in a private directory tree."""
+
+    def __init__(self, *, env_id: str, spec: EnvSpec, resources: Resources, root: Path):
+        super().__init__(env_id=env_id, spec=spec, resources=resources, path=root / "workspace")
+        self.root = root
+        self.home = root / "home"
+        self.tmp = root / "tmp"
+        self.environ = self._base_environ()
+
+    def _base_environ(self) -> dict[str, str]:
+        patterns = DEFAULT_INHERIT + self.spec.option("inherit_env", ())
+        environ = {
+            name: value
+            for name, value in os.environ.items()
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        }
+        tmp = str(self.tmp)
+        environ.update(HOME=str(self.home), TMPDIR=tmp, TMP=tmp, TEMP=tmp)
+        environ.update(self.spec.env)
+        return environ
+
+    def _run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | None,
+        env: dict[str, str],
+        cwd: str | os.PathLike[str] | None,
+        input: str | bytes | None,
+    ) -> ExecResult:
+        assert self.path is not None
+        return execute(
+            argv,
+            cwd=self.path / cwd if cwd is not None else self.path,
+            env={**self.environ, **env},
+            input=input,
+            timeout=timeout,
+            on_spawn=self.resources.track_process,
+        )
+
+
+def make_root(engine: Engine, env_id: str, resources: Resources) -> Path:
+    """Create ``<root>`` with ``workspace``, ``home`` and ``tmp``, recorded before it exists."""
+    context = engine.context
+    root = context.temp_dir / f"pytest-isolation-{context.session_id[:8]}-{env_id}"
+    resources.add("directory", str(root))
+    root.mkdir(mode=0o700)  # fails if the name exists: never adopt someone else's directory
+    for name in ("workspace", "home", "tmp"):
+        (root / name).mkdir()
+    return root
+
+
+class BasicEngine(Engine):
+    """A private workspace directory with its own HOME/TMPDIR and a clean environment."""
+
+    name = "basic"
+    description = "a private workspace with its own HOME and TMPDIR and a clean environment"
+    options = LOCAL_OPTIONS
+
+    def create(self, spec: EnvSpec, env_id: str, resources: Resources) -> LocalEnvironment:
+        return LocalEnvironment(
+            env_id=env_id, spec=spec, resources=resources, root=make_root(self, env_id, resources)
+        )
