@@ -1,8 +1,8 @@
 """``pytest-isolation``: check engines, list environments, clean up leftovers.
 
-    pytest-isolation doctor              which engines work here, and why not
-    pytest-isolation list                live, kept and leftover environments
-    pytest-isolation cleanup [--all] [--dry-run] [--templates]
+pytest-isolation doctor              which engines work here, and why not
+pytest-isolation list                live, kept and leftover environments
+pytest-isolation cleanup [--all] [--dry-run] [--templates]
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
-from .ledger import ResourceRecord
 from .manager import IsolationManager, SweepReport
+
+if TYPE_CHECKING:
+    from .ledger import ResourceRecord
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,19 +32,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cleanup = commands.add_parser(
         "cleanup", help="remove what ended runs left behind, kept environments included"
     )
-    cleanup.add_argument("--all", action="store_true",
-                         help="also remove resources of runs that still seem alive")
+    cleanup.add_argument(
+        "--all", action="store_true", help="also remove resources of runs that still seem alive"
+    )
     cleanup.add_argument("--dry-run", action="store_true", help="only say what would go")
-    cleanup.add_argument("--templates", action="store_true",
-                         help="also remove cached templates (virtualenv)")
+    cleanup.add_argument(
+        "--templates", action="store_true", help="also remove cached templates (virtualenv)"
+    )
     args = parser.parse_args(argv)
     with IsolationManager() as manager:
         if args.command == "doctor":
             return doctor(manager)
         if args.command == "list":
             return list_environments(manager)
-        return clean(manager, everything=args.all, dry_run=args.dry_run,
-                     templates=args.templates)
+        return clean(manager, everything=args.all, dry_run=args.dry_run, templates=args.templates)
 
 
 def doctor(manager: IsolationManager) -> int:
@@ -67,8 +71,10 @@ def doctor(manager: IsolationManager) -> int:
     except PackageNotFoundError:
         clash = None
     if clash:
-        print(f"warning: pytest-isolated {clash} is installed and claims the same 'isolated' "
-              "marker; uninstall it or run pytest with -p no:isolated")
+        print(
+            f"warning: pytest-isolated {clash} is installed and claims the same 'isolated' "
+            "marker; uninstall it or run pytest with -p no:isolated"
+        )
     leftovers = [r for r in manager.ledger.records() if not r.owner.alive() or r.kept]
     if leftovers:
         print(f"{len(leftovers)} leftover or kept resource(s): see `pytest-isolation list`")
@@ -102,8 +108,10 @@ def list_environments(manager: IsolationManager) -> int:
     print(f"{'ENVIRONMENT':<13} {'ENGINE':<11} {'STATE':<18} {'OWNER':<8} {'AGE':>5}  TEST")
     for env_id, items in by_env.items():
         first = items[0]
-        print(f"{env_id:<13} {first.engine:<11} {_state(first, now):<18} "
-              f"{first.owner.pid:<8} {_age(now - first.created):>5}  {first.description}")
+        print(
+            f"{env_id:<13} {first.engine:<11} {_state(first, now):<18} "
+            f"{first.owner.pid:<8} {_age(now - first.created):>5}  {first.description}"
+        )
         for record in items:
             print(f"    {record.kind}: {record.identifier}")
     for bad in manager.ledger.corrupt():
@@ -111,10 +119,8 @@ def list_environments(manager: IsolationManager) -> int:
     return 0
 
 
-def clean(manager: IsolationManager, *, everything: bool, dry_run: bool,
-          templates: bool) -> int:
-    report: SweepReport = manager.sweep(include_kept=True, include_live=everything,
-                                        dry_run=dry_run)
+def clean(manager: IsolationManager, *, everything: bool, dry_run: bool, templates: bool) -> int:
+    report: SweepReport = manager.sweep(include_kept=True, include_live=everything, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for record in report.released:
         print(f"{verb} {record.kind} {record.identifier} ({record.engine}, env {record.env_id})")

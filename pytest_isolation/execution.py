@@ -79,7 +79,7 @@ class Usage:
 
 
 def normalize_command(command: Command, *, shell: bool = False) -> list[str]:
-    """An argv list: a string is split like a shell would, unless ``shell`` asks for a real shell."""
+    """An argv list: a string is split as a shell would, or run by one if ``shell`` is true."""
     if isinstance(command, str):
         return ["/bin/sh", "-c", command] if shell else shlex.split(command)
     if shell:
@@ -138,9 +138,12 @@ def execute(
 _Outcome = tuple[str, str, "int | None", "float | None", "int | None"]
 
 
-def _collect(process: subprocess.Popen[bytes], data: bytes | None, deadline: float | None) -> _Outcome:
+def _collect(
+    process: subprocess.Popen[bytes], data: bytes | None, deadline: float | None
+) -> _Outcome:
     """Feed stdin, read stdout/stderr and reap the process; ``returncode`` is None on timeout."""
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
     if not hasattr(os, "pidfd_open"):  # pragma: no cover - non-Linux fallback
         return _collect_portable(process, data, deadline)
     out_fd, err_fd = process.stdout.fileno(), process.stderr.fileno()

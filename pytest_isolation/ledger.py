@@ -109,12 +109,6 @@ class ResourceRecord:
     def kept(self) -> bool:
         return self.kept_until is not None
 
-    def orphaned(self, now: float | None = None) -> bool:
-        """Whether a sweep may release it: the owner is gone and it is not kept, or its keep expired."""
-        if self.kept_until is not None:
-            return (now or time.time()) >= self.kept_until
-        return not self.owner.alive()
-
 
 class Ledger:
     """The ledger directory; see the module docstring for the protocol."""

@@ -13,6 +13,7 @@ at exit.  It needs no pytest: use it as a context manager::
 from __future__ import annotations
 
 import atexit
+import builtins
 import contextlib
 import signal
 import tempfile
@@ -40,7 +41,6 @@ from .engines.base import (
 from .errors import (
     EngineUnavailable,
     EnvironmentCreationError,
-    InvalidSpec,
     IsolationError,
     TeardownError,
     UnknownEngine,
@@ -73,8 +73,9 @@ class EngineRegistry:
         self._engines: dict[str, type[Engine]] = {}
         self.broken: dict[str, str] = {}
 
-    def register(self, engine: type[Engine], *, replace: bool = False,
-                 default: bool = False) -> None:
+    def register(
+        self, engine: type[Engine], *, replace: bool = False, default: bool = False
+    ) -> None:
         """Add ``engine`` under ``engine.name``.
 
         ``replace`` overrides an engine of the same name; ``default`` (used by
@@ -136,12 +137,12 @@ def signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[int] = []
+    received: list[signal.Signals] = []
 
     def remember(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
+        received.append(signal.Signals(signum))
 
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(signum)
         if handler is not None:  # None: installed outside Python, leave it alone
@@ -194,7 +195,9 @@ class IsolationManager:
             temp_dir=temp_dir or Path(tempfile.gettempdir()),
         )
         self.registry = EngineRegistry()
-        self.hook.pytest_isolation_register_engines.call_historic(kwargs={"registry": self.registry})
+        self.hook.pytest_isolation_register_engines.call_historic(
+            kwargs={"registry": self.registry}
+        )
         if load_entry_points:
             self.registry.load_entry_points()
         self._engines: dict[str, Engine] = {}
@@ -239,34 +242,55 @@ class IsolationManager:
     def availability(self, name: str) -> Availability:
         """Whether engine ``name`` can run here (asked once per run)."""
         if name in self.registry.broken and name not in self.registry:
-            return Availability(False, reason=self.registry.broken[name],
-                                fix="reinstall or fix the package that provides it")
+            return Availability(
+                False,
+                reason=self.registry.broken[name],
+                fix="reinstall or fix the package that provides it",
+            )
         if name not in self._availability:
             try:
                 self._availability[name] = self.engine(name).availability()
             except IsolationError:
                 raise
             except Exception as exc:
-                self._availability[name] = Availability(False, reason=f"availability check "
-                                                        f"failed: {exc!r}")
+                self._availability[name] = Availability(
+                    False, reason=f"availability check failed: {exc!r}"
+                )
         return self._availability[name]
 
     # --- specs ---
 
-    def spec(self, engine: str | None = None, *, where: str = "IsolationManager.spec()",
-             base_dir: Path | None = None, **options: object) -> EnvSpec:
+    def spec(self, engine: str | None = None, /, **options: object) -> EnvSpec:
         """Resolve and validate an :class:`EnvSpec` as a marker with these arguments would."""
+        return self.resolve(engine, options, where="IsolationManager.spec()")
+
+    def resolve(
+        self,
+        engine: str | None,
+        options: Mapping[str, object],
+        *,
+        where: str,
+        base_dir: Path | None = None,
+    ) -> EnvSpec:
+        """The :class:`EnvSpec` for ``engine`` (None: the default engine) and marker-style
+        ``options`` that came from ``where``; relative paths start at ``base_dir``."""
         name = engine or self.settings.engine.value
         source = where if engine else self.settings.engine.source
         if name not in self.registry:
             raise UnknownEngine(name, self.registry.names(), source=source)
-        return resolve_spec(self.registry.get(name), options, where=where,
-                            base_dir=base_dir or Path.cwd(), settings=self.settings)
+        return resolve_spec(
+            self.registry.get(name),
+            options,
+            where=where,
+            base_dir=base_dir or Path.cwd(),
+            settings=self.settings,
+        )
 
     # --- environments ---
 
-    def create(self, spec: EnvSpec | str | None = None, /, *, description: str = "",
-               **options: object) -> IsolatedEnvironment:
+    def create(
+        self, spec: EnvSpec | str | None = None, /, *, description: str = "", **options: object
+    ) -> IsolatedEnvironment:
         """Create an environment; a name (or None) and options are resolved with :meth:`spec`.
 
         Fires ``pytest_isolation_env_creating`` and ``..._created``.  If set-up
@@ -274,7 +298,7 @@ class IsolationManager:
         (an :class:`IsolationError`) propagates.
         """
         if not isinstance(spec, EnvSpec):
-            spec = self.spec(spec, where="IsolationManager.create()", **options)
+            spec = self.resolve(spec, options, where="IsolationManager.create()")
         elif options:
             raise TypeError("pass options either in the EnvSpec or as keywords, not both")
         availability = self.availability(spec.engine)
@@ -283,8 +307,14 @@ class IsolationManager:
         self.hook.pytest_isolation_env_creating(spec=spec)
         engine = self.engine(spec.engine)
         env_id = uuid.uuid4().hex[:12]
-        resources = Resources(self.ledger, self.owner, engine=spec.engine, env_id=env_id,
-                              release=engine.release, description=description)
+        resources = Resources(
+            self.ledger,
+            self.owner,
+            engine=spec.engine,
+            env_id=env_id,
+            release=engine.release,
+            description=description,
+        )
         self._register_at_exit()
         started = time.perf_counter()
         try:
@@ -320,7 +350,7 @@ class IsolationManager:
         with self._lock:
             return self._envs[env_id]
 
-    def list(self) -> list[IsolatedEnvironment]:
+    def list(self) -> builtins.list[IsolatedEnvironment]:
         """The live environments, oldest first."""
         with self._lock:
             return list(self._envs.values())
@@ -328,13 +358,14 @@ class IsolationManager:
     def status(self, env_id: str) -> EnvStatus:
         return self.get(env_id).status
 
-    def validate(self, env_id: str) -> list[str]:
+    def validate(self, env_id: str) -> builtins.list[str]:
         """Problems of the environment (empty when healthy)."""
         env = self.get(env_id)
         return env.validate()
 
-    def destroy(self, env: IsolatedEnvironment | str, *, keep: bool = False,
-                keep_for: float | None = None) -> None:
+    def destroy(
+        self, env: IsolatedEnvironment | str, *, keep: bool = False, keep_for: float | None = None
+    ) -> None:
         """Tear ``env`` down (or keep it for debugging, for ``keep_for`` seconds).
 
         Every resource is released even when some fail or a hook raises;
@@ -347,7 +378,7 @@ class IsolationManager:
             with self._lock:
                 if self._envs.pop(env.id, None) is None:
                     return  # already torn down
-            errors: list[BaseException] = []
+            errors: builtins.list[BaseException] = []
             env.status = EnvStatus.TEARING_DOWN
             try:
                 self.hook.pytest_isolation_env_teardown(env=env)
@@ -382,9 +413,9 @@ class IsolationManager:
 
     # --- leftovers ---
 
-    def prune_caches(self, older_than: float | None) -> list[str]:
+    def prune_caches(self, older_than: float | None) -> builtins.list[str]:
         """Drop cached data (templates) unused for ``older_than`` seconds, of the engines used."""
-        removed: list[str] = []
+        removed: builtins.list[str] = []
         for engine in list(self._engines.values()):
             removed += engine.prune_cache(older_than)
         return removed
@@ -396,9 +427,14 @@ class IsolationManager:
         else:  # its engine's plugin is gone; the generic kinds can still be released
             Engine.release(_Anonymous(self.context), record)
 
-    def sweep(self, *, include_kept: bool = False, include_live: bool = False,
-              dry_run: bool = False,
-              select: Callable[[ResourceRecord], bool] | None = None) -> SweepReport:
+    def sweep(
+        self,
+        *,
+        include_kept: bool = False,
+        include_live: bool = False,
+        dry_run: bool = False,
+        select: Callable[[ResourceRecord], bool] | None = None,
+    ) -> SweepReport:
         """Release leftovers: resources whose owner process is gone.
 
         Kept environments go once their keep time is over, or always with

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .session import IsolationSession
     from .spec import Layer, Settings
 
-SESSION_KEY = pytest.StashKey["IsolationSession"]()
+SESSION_KEY: pytest.StashKey[IsolationSession] = pytest.StashKey()
 
 #: Setting name -> (command line option dest, ini key, environment variable).
 SETTINGS = {
@@ -47,42 +47,60 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("isolation", "isolated environments (pytest-isolation)")
     group.addoption(
-        "--isolation", metavar="ENGINE", dest="isolation", default=None,
+        "--isolation",
+        metavar="ENGINE",
+        dest="isolation",
+        default=None,
         help="engine for tests that ask for isolation (marker or isolated_env) without naming "
         "one: basic (default), virtualenv, or a plugin's. env: PYTEST_ISOLATION",
     )
     group.addoption(
-        "--isolation-keep", metavar="none|failed|all", dest="isolation_keep", default=None,
+        "--isolation-keep",
+        metavar="none|failed|all",
+        dest="isolation_keep",
+        default=None,
         help="keep environments after their tests for debugging: none (default), those of "
         "failed tests, or all; their paths are printed at the end",
     )
     group.addoption(
-        "--isolation-keep-ttl", metavar="DURATION", dest="isolation_keep_ttl", default=None,
+        "--isolation-keep-ttl",
+        metavar="DURATION",
+        dest="isolation_keep_ttl",
+        default=None,
         help="how long kept environments survive before a later run removes them "
         "(default 1d; e.g. 30m, 12h)",
     )
     group.addoption(
-        "--isolation-require", metavar="ENGINE[,ENGINE...]", dest="isolation_require",
+        "--isolation-require",
+        metavar="ENGINE[,ENGINE...]",
+        dest="isolation_require",
         default=None,
         help="fail, instead of skip, tests whose engine is unavailable here ('all' for every "
         "engine); for CI. env: PYTEST_ISOLATION_REQUIRE",
     )
     group.addoption(
-        "--isolation-option", metavar="ENGINE.OPTION=VALUE", dest="isolation_options",
-        action="append", default=None,
+        "--isolation-option",
+        metavar="ENGINE.OPTION=VALUE",
+        dest="isolation_options",
+        action="append",
+        default=None,
         help="default for an engine option, e.g. virtualenv.python=3.12 (repeatable; values "
         "are YAML: [a, b], true, 30)",
     )
     group.addoption(
-        "--isolation-durations", metavar="N", dest="isolation_durations", default=None,
+        "--isolation-durations",
+        metavar="N",
+        dest="isolation_durations",
+        default=None,
         help="list the N slowest environment set-ups at the end (default 5, 0 for none)",
     )
     parser.addini("isolation", "default isolation engine (like --isolation)")
     parser.addini("isolation_keep", "keep environments: none, failed or all")
     parser.addini("isolation_keep_ttl", "how long kept environments survive (e.g. 1d)")
     parser.addini("isolation_require", "engines that must be available (comma separated)")
-    parser.addini("isolation_options", "engine option defaults, ENGINE.OPTION=VALUE per line",
-                  type="linelist")
+    parser.addini(
+        "isolation_options", "engine option defaults, ENGINE.OPTION=VALUE per line", type="linelist"
+    )
     parser.addini("isolation_durations", "how many of the slowest set-ups to list")
 
 
@@ -121,18 +139,32 @@ def _layers(config: pytest.Config) -> list[Layer]:
     from .spec import Layer
 
     cli = {name: config.getoption(dest) for name, (dest, _, _) in SETTINGS.items()}
-    environ = {name: os.environ.get(var) for name, (_, _, var) in SETTINGS.items()}
-    if environ["options"]:
-        environ["options"] = [item for item in environ["options"].split(";") if item.strip()]
+    environ: dict[str, object] = {
+        name: os.environ.get(var) for name, (_, _, var) in SETTINGS.items()
+    }
+    options = os.environ.get("PYTEST_ISOLATION_OPTIONS", "")
+    environ["options"] = [item for item in options.split(";") if item.strip()]
     ini = {name: config.getini(key) for name, (_, key, _) in SETTINGS.items()}
     inifile = str(config.inipath) if config.inipath else "the ini file"
     return [
-        Layer("the command line", cli, Path(config.invocation_params.dir),
-              {name: "--" + dest.replace("_", "-") for name, (dest, _, _) in SETTINGS.items()}),
-        Layer("the environment", environ, Path(config.invocation_params.dir),
-              {name: var for name, (_, _, var) in SETTINGS.items()}),
-        Layer(inifile, ini, Path(config.rootpath),
-              {name: key for name, (_, key, _) in SETTINGS.items()}),
+        Layer(
+            "the command line",
+            cli,
+            Path(config.invocation_params.dir),
+            {name: "--" + dest.replace("_", "-") for name, (dest, _, _) in SETTINGS.items()},
+        ),
+        Layer(
+            "the environment",
+            environ,
+            Path(config.invocation_params.dir),
+            {name: var for name, (_, _, var) in SETTINGS.items()},
+        ),
+        Layer(
+            inifile,
+            ini,
+            Path(config.rootpath),
+            {name: key for name, (_, key, _) in SETTINGS.items()},
+        ),
     ]
 
 

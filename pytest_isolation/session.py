@@ -44,13 +44,13 @@ class KeptEvent:
 class IsolationSession:
     """Hands environments to tests and tears them down when their scope ends."""
 
-    def __init__(self, config: pytest.Config, settings: Settings, session_id: str,
-                 *, worker: bool) -> None:
+    def __init__(
+        self, config: pytest.Config, settings: Settings, session_id: str, *, worker: bool
+    ) -> None:
         self.config = config
         self.settings = settings
         self.worker = worker
-        self.manager = IsolationManager(session_id=session_id, hook=config.hook,
-                                        settings=settings)
+        self.manager = IsolationManager(session_id=session_id, hook=config.hook, settings=settings)
         self._scoped: dict[tuple[str, str], IsolatedEnvironment] = {}
         self._users: dict[str, list[pytest.Item]] = {}
         self._events: list[dict[str, Any]] = []  # waiting to ride on the next report
@@ -75,8 +75,13 @@ class IsolationSession:
                 from .errors import UnknownEngine
 
                 raise UnknownEngine(name, names, source=source)
-            resolve_spec(self.manager.registry.get(name), {}, where="settings",
-                         base_dir=self.config.rootpath, settings=self.settings)
+            resolve_spec(
+                self.manager.registry.get(name),
+                {},
+                where="settings",
+                base_dir=self.config.rootpath,
+                settings=self.settings,
+            )
 
     def spec_for(self, item: pytest.Item) -> EnvSpec:
         """The spec of ``item`` from its marker and the run's settings, resolved once."""
@@ -84,8 +89,11 @@ class IsolationSession:
         if spec is None:
             marker = item.get_closest_marker("isolated")
             args, kwargs = (marker.args, dict(marker.kwargs)) if marker else ((), {})
-            where = (f"@pytest.mark.isolated on {item.nodeid}" if marker
-                     else f"isolated_env of {item.nodeid}")
+            where = (
+                f"@pytest.mark.isolated on {item.nodeid}"
+                if marker
+                else f"isolated_env of {item.nodeid}"
+            )
             if len(args) > 1:
                 raise InvalidSpec(
                     f"isolated() takes the engine as its only positional argument, got {args!r}",
@@ -94,7 +102,7 @@ class IsolationSession:
             engine = args[0] if args else kwargs.pop("engine", None)
             if engine is not None and not isinstance(engine, str):
                 raise InvalidSpec(f"the engine must be a name, got {engine!r}", source=where)
-            spec = self.manager.spec(engine, where=where, base_dir=item.path.parent, **kwargs)
+            spec = self.manager.resolve(engine, kwargs, where=where, base_dir=item.path.parent)
             item.stash[SPEC_KEY] = spec
         return spec
 
@@ -127,8 +135,9 @@ class IsolationSession:
             if availability.fix:
                 message += f"; {availability.fix}"
             if self.settings.requires(spec.engine):
-                pytest.fail(f"{message} (required by {self.settings.require.source})",
-                            pytrace=False)
+                pytest.fail(
+                    f"{message} (required by {self.settings.require.source})", pytrace=False
+                )
             pytest.skip(message)
         node: pytest.Item | pytest.Collector | None = item
         if spec.scope == "module":

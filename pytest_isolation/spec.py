@@ -8,6 +8,7 @@ an error can name the place to fix.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -84,7 +85,7 @@ def parse_duration(value: object) -> float:
 
 
 def parse_bool(value: object) -> bool:
-    """A boolean from a bool or the usual words (``true/false``, ``yes/no``, ``1/0``, ``on/off``)."""
+    """A boolean from a bool or a word: true/false, yes/no, on/off, 1/0."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -160,7 +161,9 @@ class Limits:
 
     def requested(self) -> dict[str, object]:
         """The limits that are set, by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
 
 
 def _parse_cpus(value: object) -> float:
@@ -248,7 +251,7 @@ def choice(*allowed: str) -> Callable[[object, Path], object]:
     def convert(value: object, base_dir: Path) -> str:
         if value not in allowed:
             raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
-        return cast(str, value)
+        return str(value)
 
     return convert
 
@@ -263,16 +266,25 @@ class EngineSchema(Protocol):
 
 COMMON_OPTIONS: Mapping[str, Option] = MappingProxyType(
     {
-        "scope": Option("scope", "function, module or session: how long the environment lives",
-                        choice(*SCOPES), "function"),
-        "keep": Option("keep", "none, failed or all: keep environments for debugging",
-                       choice(*KEEP_POLICIES)),
-        "limits": Option("limits", "resource limits, e.g. {'memory': '256M', 'timeout': 30}",
-                         lambda v, _: v),
-        "network": Option("network", "False cuts the environment off the network",
-                          boolean),
-        "env": Option("env", "environment variables set for every command", string_mapping,
-                      MappingProxyType({})),
+        "scope": Option(
+            "scope",
+            "function, module or session: how long the environment lives",
+            choice(*SCOPES),
+            "function",
+        ),
+        "keep": Option(
+            "keep", "none, failed or all: keep environments for debugging", choice(*KEEP_POLICIES)
+        ),
+        "limits": Option(
+            "limits", "resource limits, e.g. {'memory': '256M', 'timeout': 30}", lambda v, _: v
+        ),
+        "network": Option("network", "False cuts the environment off the network", boolean),
+        "env": Option(
+            "env",
+            "environment variables set for every command",
+            string_mapping,
+            MappingProxyType({}),
+        ),
     }
 )
 
@@ -337,7 +349,7 @@ class Settings:
                     f"invalid keep policy {raw!r}; expected one of {', '.join(KEEP_POLICIES)}",
                     source=source,
                 )
-            kwargs["keep"] = Sourced(cast(KeepPolicy, raw), source, base)
+            kwargs["keep"] = Sourced(raw, source, base)
         if found := first("keep_ttl"):
             raw, source, base = found
             try:
@@ -355,7 +367,7 @@ class Settings:
         if found := first("durations"):
             raw, source, _ = found
             try:
-                kwargs["durations"] = int(cast(Any, raw))
+                kwargs["durations"] = int(cast("Any", raw))
             except (TypeError, ValueError):
                 raise InvalidSpec(f"expected a number, got {raw!r}", source=source) from None
         kwargs["options"] = _layer_options(layers)
@@ -373,7 +385,7 @@ def _layer_options(layers: Sequence[Layer]) -> Mapping[str, Mapping[str, Sourced
     merged: dict[str, dict[str, Sourced[object]]] = {}
     for layer in reversed(layers):
         raw = layer.values.get("options") or ()
-        items = [raw] if isinstance(raw, str) else list(cast(Iterable[str], raw))
+        items = [raw] if isinstance(raw, str) else list(cast("Iterable[str]", raw))
         for item in items:
             key, sep, text = str(item).partition("=")
             engine, dot, name = key.strip().partition(".")
@@ -388,8 +400,9 @@ def _layer_options(layers: Sequence[Layer]) -> Mapping[str, Mapping[str, Sourced
                 raise InvalidSpec(
                     f"cannot parse the value of {key!r}: {exc}", source=layer.describe("options")
                 ) from None
-            merged.setdefault(engine, {})[name] = Sourced(value, layer.describe("options"),
-                                                          layer.base_dir)
+            merged.setdefault(engine, {})[name] = Sourced(
+                value, layer.describe("options"), layer.base_dir
+            )
     return {engine: MappingProxyType(opts) for engine, opts in merged.items()}
 
 
@@ -426,9 +439,6 @@ class EnvSpec:
             sort_keys=True,
         )
 
-    def option(self, name: str, default: T) -> T:
-        return cast(T, self.options.get(name, default))
-
     def describe(self) -> str:
         """A short one-line summary for reports."""
         parts = [f"{k}={_jsonable(v)!r}" for k, v in sorted(self.options.items())]
@@ -462,7 +472,7 @@ def resolve_spec(
     for name, value in marker_options.items():
         layered[name] = Sourced(value, where, base_dir)
     if "keep" not in layered:
-        layered["keep"] = cast(Sourced[object], settings.keep)
+        layered["keep"] = cast("Sourced[object]", settings.keep)
 
     allowed = {**COMMON_OPTIONS, **schema.options}
     values: dict[str, object] = {}
@@ -489,14 +499,14 @@ def resolve_spec(
     limits_source = sources.get("limits", where)
     limits = Limits.parse(values.pop("limits", None), source=limits_source)
     if "network" in values:
-        network = cast(bool, values.pop("network"))
+        network = cast("bool", values.pop("network"))
         if limits.network is not None and limits.network != network:
             raise InvalidSpec(
                 "network= and limits['network'] disagree; set only one of them",
                 source=where,
                 option="network",
             )
-        limits = Limits(**{**limits.requested(), "network": network})
+        limits = dataclasses.replace(limits, network=network)
     # Sharing the host's network needs no enforcement, so network=True suits every engine.
     wanted = {k for k, v in limits.requested().items() if not (k == "network" and v is True)}
     unsupported = sorted(wanted - schema.supported_limits)
@@ -510,9 +520,9 @@ def resolve_spec(
             option="limits",
         )
 
-    scope = cast(Scope, values.pop("scope", "function"))
-    keep = cast(KeepPolicy, values.pop("keep", "none"))
-    env = cast(Mapping[str, str], values.pop("env", MappingProxyType({})))
+    scope = cast("Scope", values.pop("scope", "function"))
+    keep = cast("KeepPolicy", values.pop("keep", "none"))
+    env = cast("Mapping[str, str]", values.pop("env", MappingProxyType({})))
     for name, option in schema.options.items():
         if name not in values and option.default is not None:
             values[name] = option.default

@@ -18,14 +18,16 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import InvalidSpec, IsolationError, OperationNotSupported
 from ..execution import Command, ExecResult, Usage, normalize_command
 from ..ledger import Ledger, Owner, ResourceRecord, same_process
-from ..spec import EnvSpec, Option
+
+if TYPE_CHECKING:
+    from ..spec import EnvSpec, Option
 
 __all__ = [
     "Availability",

@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import cast
 
 from ..execution import ExecResult, execute
 from ..spec import EnvSpec, Option, string_list
@@ -62,7 +63,7 @@ class LocalEnvironment(IsolatedEnvironment):
         self.environ = self._base_environ()
 
     def _base_environ(self) -> dict[str, str]:
-        patterns = DEFAULT_INHERIT + self.spec.option("inherit_env", ())
+        patterns = DEFAULT_INHERIT + cast("tuple[str, ...]", self.spec.options["inherit_env"])
         environ = {
             name: value
             for name, value in os.environ.items()

@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -63,23 +63,54 @@ VIRTUALENV_OPTIONS = MappingProxyType(
             "running pytest)",
             string,
         ),
-        "packages": Option("packages", "requirements to install, e.g. ['attrs==23.2.0']",
-                           string_list, ()),
+        "packages": Option(
+            "packages", "requirements to install, e.g. ['attrs==23.2.0']", string_list, ()
+        ),
         "requirements": Option("requirements", "a requirements file to install", path),
-        "find_links": Option("find_links", "folders or URLs with wheels (pip --find-links)",
-                             path_or_url_list, ()),
+        "find_links": Option(
+            "find_links", "folders or URLs with wheels (pip --find-links)", path_or_url_list, ()
+        ),
         "index_url": Option("index_url", "the package index URL (pip --index-url)", string),
-        "offline": Option("offline", "install only from find_links and the installer's cache",
-                          boolean, False),
-        "creator": Option("creator", "auto (uv if installed), uv or virtualenv",
-                          choice("auto", "uv", "virtualenv"), "auto"),
+        "offline": Option(
+            "offline", "install only from find_links and the installer's cache", boolean, False
+        ),
+        "creator": Option(
+            "creator",
+            "auto (uv if installed), uv or virtualenv",
+            choice("auto", "uv", "virtualenv"),
+            "auto",
+        ),
         "seed": Option("seed", "put pip into the environment", boolean, False),
-        "template": Option("template", "clone environments from a cached template",
-                           boolean, True),
-        "link": Option("link", "auto (reflink, hardlink, then copy) or copy (never share "
-                       "files with the template)", choice("auto", "copy"), "auto"),
+        "template": Option("template", "clone environments from a cached template", boolean, True),
+        "link": Option(
+            "link",
+            "auto (reflink, hardlink, then copy) or copy (never share files with the template)",
+            choice("auto", "copy"),
+            "auto",
+        ),
     }
 )
+
+
+@dataclass(frozen=True)
+class VenvOptions:
+    """The virtualenv engine's options of one spec, typed."""
+
+    python: str | None = None
+    packages: tuple[str, ...] = ()
+    requirements: str | None = None
+    find_links: tuple[str, ...] = ()
+    index_url: str | None = None
+    offline: bool = False
+    creator: str = "auto"
+    seed: bool = False
+    template: bool = True
+    link: str = "auto"
+
+    @classmethod
+    def of(cls, spec: EnvSpec) -> VenvOptions:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in spec.options.items() if k in names})  # type: ignore[arg-type]
 
 
 # --- installers -------------------------------------------------------------------------------
@@ -94,27 +125,56 @@ class Installer:
 
     def create(self, python: Path, target: Path, *, seed: bool) -> list[str]:
         if self.name == "uv":
-            command = [self.executable, "venv", "--quiet", "--no-project",
-                       "--no-python-downloads", "--python", str(python)]
+            command = [
+                self.executable,
+                "venv",
+                "--quiet",
+                "--no-project",
+                "--no-python-downloads",
+                "--python",
+                str(python),
+            ]
             return [*command, *(["--seed"] if seed else []), str(target)]
         # pip stays in: it is how this installer installs packages
-        return [self.executable, "-m", "virtualenv", "--quiet", "--no-periodic-update",
-                "--no-setuptools", "--no-wheel", "--python", str(python), str(target)]
+        return [
+            self.executable,
+            "-m",
+            "virtualenv",
+            "--quiet",
+            "--no-periodic-update",
+            "--no-setuptools",
+            "--no-wheel",
+            "--python",
+            str(python),
+            str(target),
+        ]
 
-    def install(self, venv_python: Path, spec: EnvSpec, packages: Sequence[str],
-                requirements: str | None = None) -> list[str]:
+    def install(
+        self,
+        venv_python: Path,
+        options: VenvOptions,
+        packages: Sequence[str],
+        requirements: str | None = None,
+    ) -> list[str]:
         if self.name == "uv":
             command = [self.executable, "pip", "install", "--quiet", "--python", str(venv_python)]
             offline = ["--offline"]
         else:
-            command = [str(venv_python), "-m", "pip", "install", "--quiet",
-                       "--disable-pip-version-check", "--no-input"]
+            command = [
+                str(venv_python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+            ]
             offline = ["--no-index"]
-        for link in spec.option("find_links", ()):
+        for link in options.find_links:
             command += ["--find-links", link]
-        if index_url := spec.option("index_url", None):
-            command += ["--index-url", index_url]
-        if spec.option("offline", False):
+        if options.index_url:
+            command += ["--index-url", options.index_url]
+        if options.offline:
             command += offline
         if requirements:
             command += ["--requirement", requirements]
@@ -194,7 +254,7 @@ def clone_venv(template: Path, target: Path, rewrite: Sequence[str], link: str) 
                 if entry.is_symlink():
                     link_target = os.readlink(entry.path)
                     if link_target.startswith(old):
-                        link_target = new + link_target[len(old):]
+                        link_target = new + link_target[len(old) :]
                     os.symlink(link_target, target_path)
                 elif entry.is_dir():
                     walk(entry.path, target_path, rel + "/")
@@ -233,8 +293,16 @@ def files_naming(root: Path) -> list[str]:
 class VirtualenvEnvironment(LocalEnvironment):
     """A :class:`LocalEnvironment` with its own virtual environment activated."""
 
-    def __init__(self, *, env_id: str, spec: EnvSpec, resources: Resources, root: Path,
-                 venv: Path, installer: Installer):
+    def __init__(
+        self,
+        *,
+        env_id: str,
+        spec: EnvSpec,
+        resources: Resources,
+        root: Path,
+        venv: Path,
+        installer: Installer,
+    ):
         self.venv = venv
         self.installer = installer
         super().__init__(env_id=env_id, spec=spec, resources=resources, root=root)
@@ -256,8 +324,10 @@ class VirtualenvEnvironment(LocalEnvironment):
         """Install ``packages`` with the spec's index settings; raises :class:`CommandFailed`."""
         if isinstance(packages, str):
             packages = [packages]
-        result = execute(self.installer.install(self.python, self.spec, list(packages)),
-                         on_spawn=self.resources.track_process)
+        result = execute(
+            self.installer.install(self.python, VenvOptions.of(self.spec), list(packages)),
+            on_spawn=self.resources.track_process,
+        )
         self._usage.add(result)
         return result.check()
 
@@ -296,16 +366,18 @@ class VirtualenvEngine(Engine):
         )
 
     def installer(self, spec: EnvSpec) -> Installer:
-        wanted = spec.option("creator", "auto")
+        wanted = VenvOptions.of(spec).creator
         uv = find_uv() if wanted in ("auto", "uv") else None
         if uv:
             return Installer("uv", uv)
         if wanted == "uv":
-            raise EngineUnavailable(self.name, "creator='uv' was asked for but uv is not installed",
-                                    "pip install uv")
+            raise EngineUnavailable(
+                self.name, "creator='uv' was asked for but uv is not installed", "pip install uv"
+            )
         if not has_virtualenv():
-            raise EngineUnavailable(self.name, "virtualenv is not installed",
-                                    "pip install virtualenv")
+            raise EngineUnavailable(
+                self.name, "virtualenv is not installed", "pip install virtualenv"
+            )
         return Installer("virtualenv", sys.executable)
 
     def interpreter(self, request: str | None, installer: Installer) -> Path:
@@ -319,67 +391,92 @@ class VirtualenvEngine(Engine):
         if os.sep in request or candidate.exists():
             if not (candidate.is_file() and os.access(candidate, os.X_OK)):
                 raise EnvironmentCreationError(
-                    self.name, f"python={request!r}: no executable interpreter at that path")
+                    self.name, f"python={request!r}: no executable interpreter at that path"
+                )
             found = candidate
         elif installer.name == "uv":
-            result = execute([installer.executable, "python", "find", "--no-python-downloads",
-                              "--no-project", request])
+            result = execute(
+                [
+                    installer.executable,
+                    "python",
+                    "find",
+                    "--no-python-downloads",
+                    "--no-project",
+                    request,
+                ]
+            )
             if not result.ok:
                 raise EnvironmentCreationError(
-                    self.name, f"python={request!r}: no such interpreter found",
-                    output=result.stderr)
+                    self.name,
+                    f"python={request!r}: no such interpreter found",
+                    output=result.stderr,
+                )
             found = Path(result.stdout.strip())
         else:
             names = [request] if not request[0].isdigit() else [f"python{request}"]
             which = next((w for w in map(shutil.which, names) if w), None)
             if which is None:
                 raise EnvironmentCreationError(
-                    self.name, f"python={request!r}: no {names[0]} on PATH")
+                    self.name, f"python={request!r}: no {names[0]} on PATH"
+                )
             found = Path(which)
         self._interpreters[key] = found
         return found
 
-    def template_key(self, spec: EnvSpec, installer: Installer, python: Path) -> dict[str, object]:
+    def template_key(
+        self, options: VenvOptions, installer: Installer, python: Path
+    ) -> dict[str, object]:
         """Everything that shapes a template's content."""
         real = python.resolve()  # python, python3 and a venv's python are one interpreter
         stat = real.stat()
-        requirements = spec.option("requirements", None)
-        links = []
-        for link in spec.option("find_links", ()):
+        links: list[object] = []
+        for link in options.find_links:
             if "://" in link:
-                links.append([link])
+                links.append(link)
             else:
                 with contextlib.suppress(FileNotFoundError):
-                    links.append([link, sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
-                                               for e in os.scandir(link))])
+                    listing = [
+                        (e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(link)
+                    ]
+                    links.append([link, sorted(listing)])
+        requirements = options.requirements
         return {
             "format": TEMPLATE_FORMAT,
             "installer": installer.name,
             "python": [str(real), stat.st_mtime_ns, stat.st_size],
-            "packages": sorted(spec.option("packages", ())),
+            "packages": sorted(options.packages),
             "requirements": [requirements, _digest(Path(requirements))] if requirements else None,
             "find_links": links,
-            "index_url": spec.option("index_url", None),
-            "offline": spec.option("offline", False),
-            "seed": spec.option("seed", False),
+            "index_url": options.index_url,
+            "offline": options.offline,
+            "seed": options.seed,
         }
 
     def create(self, spec: EnvSpec, env_id: str, resources: Resources) -> VirtualenvEnvironment:
+        options = VenvOptions.of(spec)
         installer = self.installer(spec)
-        python = self.interpreter(spec.option("python", None), installer)
-        if (requirements := spec.option("requirements", None)) and not Path(requirements).is_file():
-            raise EnvironmentCreationError(self.name, f"requirements file {requirements} not found")
+        python = self.interpreter(options.python, installer)
+        if options.requirements and not Path(options.requirements).is_file():
+            raise EnvironmentCreationError(
+                self.name, f"requirements file {options.requirements} not found"
+            )
         root = make_root(self, env_id, resources)
-        venv = self._venv_location(root, env_id, resources)
-        if spec.option("template", True):
-            template, rewrite = self._template(spec, installer, python)
-            clone_venv(template, venv, rewrite, spec.option("link", "auto"))
+        venv = self._venv_location(root, resources)
+        if options.template:
+            template, rewrite = self._template(options, installer, python)
+            clone_venv(template, venv, rewrite, options.link)
         else:
-            self._build(spec, installer, python, venv)
-        return VirtualenvEnvironment(env_id=env_id, spec=spec, resources=resources, root=root,
-                                     venv=venv, installer=installer)
+            self._build(options, installer, python, venv)
+        return VirtualenvEnvironment(
+            env_id=env_id,
+            spec=spec,
+            resources=resources,
+            root=root,
+            venv=venv,
+            installer=installer,
+        )
 
-    def _venv_location(self, root: Path, env_id: str, resources: Resources) -> Path:
+    def _venv_location(self, root: Path, resources: Resources) -> Path:
         """``<root>/venv``, or beside the templates when they live on another filesystem
         (a tmpfs /tmp), where hardlinks and reflinks cannot reach."""
         self.templates.mkdir(parents=True, exist_ok=True)
@@ -390,8 +487,10 @@ class VirtualenvEngine(Engine):
         live.parent.mkdir(parents=True, exist_ok=True)
         return live
 
-    def _template(self, spec: EnvSpec, installer: Installer, python: Path) -> tuple[Path, list[str]]:
-        key = self.template_key(spec, installer, python)
+    def _template(
+        self, options: VenvOptions, installer: Installer, python: Path
+    ) -> tuple[Path, list[str]]:
+        key = self.template_key(options, installer, python)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         template = self.templates / digest
         meta_path = template / _META
@@ -403,7 +502,7 @@ class VirtualenvEngine(Engine):
             if meta is None or not (template / _BIN).is_dir():
                 shutil.rmtree(template, ignore_errors=True)  # a build that was cut short
                 try:
-                    self._build(spec, installer, python, template)
+                    self._build(options, installer, python, template)
                 except BaseException:
                     shutil.rmtree(template, ignore_errors=True)
                     raise
@@ -413,24 +512,31 @@ class VirtualenvEngine(Engine):
                 os.utime(meta_path)  # last use, for pruning
         return template, list(meta["rewrite"])
 
-    def _build(self, spec: EnvSpec, installer: Installer, python: Path, target: Path) -> None:
-        steps = [installer.create(python, target, seed=spec.option("seed", False))]
-        packages = list(spec.option("packages", ()))
-        requirements = spec.option("requirements", None)
+    def _build(
+        self, options: VenvOptions, installer: Installer, python: Path, target: Path
+    ) -> None:
+        steps = [installer.create(python, target, seed=options.seed)]
+        packages, requirements = list(options.packages), options.requirements
         if packages or requirements:
-            steps.append(installer.install(target / _BIN / "python", spec, packages, requirements))
+            steps.append(
+                installer.install(target / _BIN / "python", options, packages, requirements)
+            )
         for command in steps:
             # run from the target's parent so that no project settings of the test's cwd apply
             result = execute(command, cwd=target.parent if target.parent.exists() else None)
             if not result.ok:
-                what = "creating the virtual environment" if command is steps[0] else (
-                    f"installing {', '.join(packages) or requirements}")
+                what = (
+                    "creating the virtual environment"
+                    if command is steps[0]
+                    else (f"installing {', '.join(packages) or requirements}")
+                )
                 raise EnvironmentCreationError(
-                    self.name, f"{what} with {installer.name} failed "
-                    f"(exit status {result.returncode})",
+                    self.name,
+                    f"{what} with {installer.name} failed (exit status {result.returncode})",
                     output=(result.stdout + result.stderr),
-                ) from CommandFailed(result.command, result.returncode, result.stdout,
-                                     result.stderr)
+                ) from CommandFailed(
+                    result.command, result.returncode, result.stdout, result.stderr
+                )
 
     def prune_cache(self, older_than: float | None) -> list[str]:
         """Remove templates not used for ``older_than`` seconds (every one if None)."""
