@@ -1,0 +1,69 @@
+"""Guards for the whole project: a test that leaks fails.
+
+An isolation plugin must leave nothing behind, so every test here is checked
+for what it leaves: environment variables, the working directory, child
+processes, ``pytest-isolation-*`` folders in the temp directory, and records
+in its ledger.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+def _isolation_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("pytest-isolation-*")}
+
+
+def _children() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _wait_for_children_gone(before: set[int], timeout: float = 5.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = {
+            pid
+            for pid in _children() - before
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        }
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves environment variables, cwd, processes or folders behind."""
+    environ = dict(os.environ)
+    cwd = os.getcwd()
+    children = _children()
+    folders = _isolation_dirs()
+    yield
+    problems = []
+    # Being autouse in the root conftest, this is set up before every other function
+    # fixture and torn down after them: monkeypatch and pytester have undone their changes.
+    changed = {
+        k
+        for k in set(environ) | set(os.environ)
+        if environ.get(k) != os.environ.get(k) and k != "PYTEST_CURRENT_TEST"
+    }
+    if changed:
+        problems.append(f"environment variables changed: {sorted(changed)}")
+    if os.getcwd() != cwd:
+        problems.append(f"working directory changed to {os.getcwd()}")
+    leaked = _wait_for_children_gone(children)
+    if leaked:
+        problems.append(f"child processes left running: {sorted(leaked)}")
+    new_folders = _isolation_dirs() - folders
+    if new_folders:
+        problems.append(f"folders left in {tempfile.gettempdir()}: {sorted(new_folders)}")
+    if problems:
+        pytest.fail("test leaked: " + "; ".join(problems), pytrace=False)
