@@ -118,13 +118,17 @@ def execute(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    forget = on_spawn(process.pid) if on_spawn else None
+    forget = None
     try:
+        forget = on_spawn(process.pid) if on_spawn else None
         outcome = _collect(process, data, None if timeout is None else started + timeout)
     finally:
         if process.returncode is None:  # interrupted before the command ended
             _kill_group(process)
             process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
         if forget:
             forget()
     stdout, stderr, returncode, cpu_time, peak = outcome
@@ -207,9 +211,6 @@ def _collect(
     finally:
         selector.close()
         os.close(pidfd)
-        for stream in (process.stdin, process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
     assert status is not None
     code, cpu_time, maxrss = status
     # After vfork/exec the child's ru_maxrss starts at the runner's own peak, so it

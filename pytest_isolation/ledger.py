@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -94,7 +94,8 @@ class ResourceRecord:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_json(self) -> str:
-        body = asdict(self)
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["owner"] = asdict(self.owner)
         body["data"] = dict(self.data)
         return json.dumps(body, sort_keys=True)
 
@@ -186,10 +187,11 @@ class Ledger:
         claimed = self.root / f"{record.id}.json{_CLAIM}{os.getpid()}"
         source = self._path(record.id)
         if not source.exists():
-            # a dead sweeper's claim: take it over
             for stale in self.root.glob(f"{record.id}.json{_CLAIM}*"):
-                source = stale
-                break
+                claimer = stale.name.rsplit(_CLAIM, 1)[1]
+                if not (claimer.isdigit() and psutil.pid_exists(int(claimer))):
+                    source = stale  # its sweeper died: take the claim over
+                    break
         try:
             os.rename(source, claimed)
         except FileNotFoundError:

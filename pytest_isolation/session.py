@@ -207,6 +207,7 @@ class IsolationSession:
         if not self.setups and not self.kept:
             return
         write = terminalreporter.write_line
+        terminalreporter.ensure_newline()  # else the first line after the title is blank
         terminalreporter.section("isolation")
         counts = Counter(event.engine for event in self.setups)
         total = sum(event.duration for event in self.setups)

@@ -394,8 +394,11 @@ def _layer_options(layers: Sequence[Layer]) -> Mapping[str, Mapping[str, Sourced
                     f"expected ENGINE.OPTION=VALUE (e.g. virtualenv.python=3.12), got {item!r}",
                     source=layer.describe("options"),
                 )
+            text = text.strip()
             try:
-                value = yaml.safe_load(text) if text.strip() else ""
+                # Only lists and mappings are parsed: a scalar stays text, so that
+                # python=3.10 is not the number 3.1; converters parse words and numbers.
+                value = yaml.safe_load(text) if text[:1] in ("[", "{") else text
             except yaml.YAMLError as exc:
                 raise InvalidSpec(
                     f"cannot parse the value of {key!r}: {exc}", source=layer.describe("options")
