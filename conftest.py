@@ -39,8 +39,18 @@ def _wait_for_children_gone(before: set[int], timeout: float = 5.0) -> set[int]:
         time.sleep(0.05)
 
 
+def _live_in_this_run(request: pytest.FixtureRequest) -> set[str]:
+    """Folders of module- and session-scoped environments of this run, which outlive a test."""
+    from pytest_isolation.plugin import SESSION_KEY
+
+    session = request.config.stash.get(SESSION_KEY, None)
+    if session is None:
+        return set()
+    return {env.path.parent.name for env in session.manager.list() if env.path is not None}
+
+
 @pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves environment variables, cwd, processes or folders behind."""
     environ = dict(os.environ)
     cwd = os.getcwd()
@@ -62,7 +72,7 @@ def no_leaks() -> Iterator[None]:
     leaked = _wait_for_children_gone(children)
     if leaked:
         problems.append(f"child processes left running: {sorted(leaked)}")
-    new_folders = _isolation_dirs() - folders
+    new_folders = _isolation_dirs() - folders - _live_in_this_run(request)
     if new_folders:
         problems.append(f"folders left in {tempfile.gettempdir()}: {sorted(new_folders)}")
     if problems:

@@ -35,7 +35,8 @@ def build_wheel(
     metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
     metadata += "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
     files = {
-        f"{module}/__init__.py": code or f"VERSION = {version!r}\n\ndef main():\n    print(VERSION)\n",
+        f"{module}/__init__.py": code
+        or f"VERSION = {version!r}\n\ndef main():\n    print(VERSION)\n",
         f"{dist_info}/METADATA": metadata,
         f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
         "Tag: py3-none-any\n",

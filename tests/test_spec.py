@@ -46,8 +46,16 @@ def test_bad_sizes_say_what_is_expected(text: object) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("30", 30.0), (30, 30.0), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("2d", 172800.0),
-     ("250ms", 0.25), (0.5, 0.5)],
+    [
+        ("30", 30.0),
+        (30, 30.0),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("2d", 172800.0),
+        ("250ms", 0.25),
+        (0.5, 0.5),
+    ],
 )
 def test_durations_parse(text: object, expected: float) -> None:
     """Durations accept seconds and s/m/h/d/ms suffixes."""
@@ -61,8 +69,9 @@ def test_bad_durations_are_rejected(text: object) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(("word", "value"), [("yes", True), ("Off", False), ("1", True),
-                                             (False, False)])
+@pytest.mark.parametrize(
+    ("word", "value"), [("yes", True), ("Off", False), ("1", True), (False, False)]
+)
 def test_booleans_from_words(word: object, value: bool) -> None:
     """Booleans accept the usual words."""
     assert parse_bool(word) is value
@@ -77,11 +86,18 @@ def test_bool_rejects_other_words() -> None:
 def test_limits_parse_every_field() -> None:
     """A limits mapping becomes typed values."""
     limits = Limits.parse(
-        {"memory": "256M", "cpus": "0.5", "pids": 64, "timeout": "2m", "disk": "1G",
-         "network": "false"}
+        {
+            "memory": "256M",
+            "cpus": "0.5",
+            "pids": 64,
+            "timeout": "2m",
+            "disk": "1G",
+            "network": "false",
+        }
     )
-    assert limits == Limits(memory=256 * 1024**2, cpus=0.5, pids=64, timeout=120.0,
-                            disk=1024**3, network=False)
+    assert limits == Limits(
+        memory=256 * 1024**2, cpus=0.5, pids=64, timeout=120.0, disk=1024**3, network=False
+    )
     assert limits.requested()["pids"] == 64
 
 
@@ -94,8 +110,13 @@ def test_unknown_limit_names_the_allowed_ones() -> None:
 
 @pytest.mark.parametrize(
     ("limits", "message"),
-    [({"memory": "12XB"}, "limits.memory"), ({"pids": -3}, "limits.pids"),
-     ({"cpus": "lots"}, "limits.cpus"), ({"pids": 2.5}, "limits.pids"), ("256M", "mapping")],
+    [
+        ({"memory": "12XB"}, "limits.memory"),
+        ({"pids": -3}, "limits.pids"),
+        ({"cpus": "lots"}, "limits.cpus"),
+        ({"pids": 2.5}, "limits.pids"),
+        ("256M", "mapping"),
+    ],
 )
 def test_bad_limit_values_name_the_limit(limits: object, message: str) -> None:
     """A bad limit value names which limit was wrong."""
@@ -105,8 +126,12 @@ def test_bad_limit_values_name_the_limit(limits: object, message: str) -> None:
 
 def test_spec_takes_engine_defaults_and_sources(tmp_path: Path) -> None:
     """Resolution fills engine defaults and records where each given option came from."""
-    spec = resolve_spec(VirtualenvEngine, {"packages": "attrs", "scope": "module"},
-                        where="marker on t.py::test_a", base_dir=tmp_path)
+    spec = resolve_spec(
+        VirtualenvEngine,
+        {"packages": "attrs", "scope": "module"},
+        where="marker on t.py::test_a",
+        base_dir=tmp_path,
+    )
     assert spec.engine == "virtualenv"
     assert spec.scope == "module"
     assert spec.options["packages"] == ("attrs",)
@@ -116,16 +141,18 @@ def test_spec_takes_engine_defaults_and_sources(tmp_path: Path) -> None:
 
 def test_relative_paths_resolve_from_the_source_directory(tmp_path: Path) -> None:
     """A relative requirements path is taken from the directory of the marker's file."""
-    spec = resolve_spec(VirtualenvEngine, {"requirements": "reqs.txt"}, where="marker",
-                        base_dir=tmp_path)
+    spec = resolve_spec(
+        VirtualenvEngine, {"requirements": "reqs.txt"}, where="marker", base_dir=tmp_path
+    )
     assert spec.options["requirements"] == str(tmp_path / "reqs.txt")
 
 
 def test_unknown_option_lists_allowed_options(tmp_path: Path) -> None:
     """An option the engine does not take is named, with the allowed ones."""
     with pytest.raises(InvalidSpec) as info:
-        resolve_spec(BasicEngine, {"packages": ["x"]}, where="marker on t.py::test_b",
-                     base_dir=tmp_path)
+        resolve_spec(
+            BasicEngine, {"packages": ["x"]}, where="marker on t.py::test_b", base_dir=tmp_path
+        )
     message = str(info.value)
     assert "engine 'basic' does not accept option 'packages'" in message
     assert "inherit_env" in message and "scope" in message
@@ -135,10 +162,12 @@ def test_unknown_option_lists_allowed_options(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("options", "fragment"),
-    [({"scope": "class"}, "expected one of function, module, session"),
-     ({"keep": "sometimes"}, "expected one of none, failed, all"),
-     ({"env": {"A": 1}}, "mapping of strings"),
-     ({"network": "maybe"}, "true or false")],
+    [
+        ({"scope": "class"}, "expected one of function, module, session"),
+        ({"keep": "sometimes"}, "expected one of none, failed, all"),
+        ({"env": {"A": 1}}, "mapping of strings"),
+        ({"network": "maybe"}, "true or false"),
+    ],
 )
 def test_wrong_option_values_say_what_is_allowed(
     tmp_path: Path, options: dict[str, object], fragment: str
@@ -158,16 +187,21 @@ def test_limits_the_engine_cannot_enforce_are_refused(tmp_path: Path) -> None:
 
 def test_network_true_and_timeout_suit_a_local_engine(tmp_path: Path) -> None:
     """Sharing the host network needs no enforcement; timeout is enforced by every engine."""
-    spec = resolve_spec(BasicEngine, {"network": True, "limits": {"timeout": "5s"}},
-                        where="m", base_dir=tmp_path)
+    spec = resolve_spec(
+        BasicEngine, {"network": True, "limits": {"timeout": "5s"}}, where="m", base_dir=tmp_path
+    )
     assert spec.limits == Limits(timeout=5.0, network=True)
 
 
 def test_network_option_and_limit_must_agree(tmp_path: Path) -> None:
     """network= and limits['network'] cannot contradict each other."""
     with pytest.raises(InvalidSpec, match="disagree"):
-        resolve_spec(BasicEngine, {"network": True, "limits": {"network": False}}, where="m",
-                     base_dir=tmp_path)
+        resolve_spec(
+            BasicEngine,
+            {"network": True, "limits": {"network": False}},
+            where="m",
+            base_dir=tmp_path,
+        )
 
 
 def test_spec_key_identifies_equivalent_specs(tmp_path: Path) -> None:
@@ -186,8 +220,11 @@ def test_settings_take_the_first_layer_that_sets_a_value(tmp_path: Path) -> None
         [
             Layer("the command line", {"engine": "virtualenv"}, tmp_path),
             Layer("the environment", {"engine": "basic", "keep": "failed"}, tmp_path),
-            Layer("tox.ini", {"keep": "all", "keep_ttl": "1h", "require": "basic, virtualenv"},
-                  tmp_path),
+            Layer(
+                "tox.ini",
+                {"keep": "all", "keep_ttl": "1h", "require": "basic, virtualenv"},
+                tmp_path,
+            ),
         ]
     )
     assert settings.engine.value == "virtualenv"
@@ -207,8 +244,9 @@ def test_require_all_means_every_engine(tmp_path: Path) -> None:
 
 def test_bad_settings_name_their_source(tmp_path: Path) -> None:
     """A bad keep policy names the option it came from."""
-    layer = Layer("the environment", {"keep": "forever"}, tmp_path,
-                  {"keep": "PYTEST_ISOLATION_KEEP"})
+    layer = Layer(
+        "the environment", {"keep": "forever"}, tmp_path, {"keep": "PYTEST_ISOLATION_KEEP"}
+    )
     with pytest.raises(InvalidSpec, match=r"keep policy 'forever'.*PYTEST_ISOLATION_KEEP"):
         Settings.resolve([layer])
 
@@ -218,8 +256,17 @@ def test_engine_options_merge_per_option_across_layers(tmp_path: Path) -> None:
     settings = Settings.resolve(
         [
             Layer("cli", {"options": ["virtualenv.python=3.12"]}, tmp_path),
-            Layer("ini", {"options": ["virtualenv.python=3.10", "virtualenv.packages=[a, b]",
-                                      "virtualenv.offline=true"]}, tmp_path),
+            Layer(
+                "ini",
+                {
+                    "options": [
+                        "virtualenv.python=3.10",
+                        "virtualenv.packages=[a, b]",
+                        "virtualenv.offline=true",
+                    ]
+                },
+                tmp_path,
+            ),
         ]
     )
     options = settings.options["virtualenv"]
@@ -227,8 +274,9 @@ def test_engine_options_merge_per_option_across_layers(tmp_path: Path) -> None:
     assert options["python"].source == "cli"
     assert options["packages"].value == ["a", "b"]
     assert options["offline"].value == "true"
-    spec = resolve_spec(VirtualenvEngine, {"offline": False}, where="marker", base_dir=tmp_path,
-                        settings=settings)
+    spec = resolve_spec(
+        VirtualenvEngine, {"offline": False}, where="marker", base_dir=tmp_path, settings=settings
+    )
     assert spec.options["offline"] is False  # the marker wins
     assert spec.options["packages"] == ("a", "b")
 
