@@ -50,7 +50,7 @@ from ..spec import (
 from .base import Availability, Engine, EngineContext, Resources
 from .basic import LOCAL_OPTIONS, LocalEnvironment, make_root
 
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2
 _META = ".pytest-isolation-template.json"
 _BIN = "Scripts" if os.name == "nt" else "bin"
 
@@ -273,7 +273,13 @@ def clone_venv(template: Path, target: Path, rewrite: Sequence[str], link: str) 
 
 
 def files_naming(root: Path) -> list[str]:
-    """The files under ``root`` whose content contains ``root``'s own path (relative, '/')."""
+    """The text files under ``root`` that contain ``root``'s own path (relative, '/').
+
+    Binary files are left out: a path inside them is length-prefixed or padded
+    (bytecode, shared objects), so a textual replacement would corrupt them.
+    Bytecode needs none anyway: the import system sets ``co_filename`` to the
+    path it loads the source from.
+    """
     needle = str(root).encode()
     found = []
     for directory, _, names in os.walk(root):
@@ -282,8 +288,9 @@ def files_naming(root: Path) -> list[str]:
             if os.path.islink(full) or name == _META:
                 continue
             with open(full, "rb") as handle:
-                if needle in handle.read():
-                    found.append(os.path.relpath(full, root).replace(os.sep, "/"))
+                content = handle.read()
+            if needle in content and b"\0" not in content:
+                found.append(os.path.relpath(full, root).replace(os.sep, "/"))
     return sorted(found)
 
 
@@ -429,16 +436,8 @@ class VirtualenvEngine(Engine):
         """Everything that shapes a template's content."""
         real = python.resolve()  # python, python3 and a venv's python are one interpreter
         stat = real.stat()
-        links: list[object] = []
-        for link in options.find_links:
-            if "://" in link:
-                links.append(link)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    listing = [
-                        (e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(link)
-                    ]
-                    links.append([link, sorted(listing)])
+        # a new wheel in a local find_links folder must give a new template
+        links = [link if "://" in link else [link, _listing(link)] for link in options.find_links]
         requirements = options.requirements
         return {
             "format": TEMPLATE_FORMAT,
@@ -554,6 +553,19 @@ class VirtualenvEngine(Engine):
                     shutil.rmtree(template, ignore_errors=True)
                     removed.append(str(template))
         return removed
+
+
+def _listing(path: str) -> list[tuple[str, int, int]]:
+    """Names, modification times and sizes of a folder's entries (or of a single file)."""
+    try:
+        if os.path.isdir(path):
+            return sorted(
+                (e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(path)
+            )
+        stat = os.stat(path)
+        return [(os.path.basename(path), stat.st_mtime_ns, stat.st_size)]
+    except OSError:
+        return []
 
 
 def _digest(file: Path) -> str | None:

@@ -1,0 +1,785 @@
+"""The virtualenv engine with real uv and virtualenv, installing only from local wheels."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypedDict
+
+import pytest
+
+from pytest_isolation import (
+    CommandFailed,
+    EnvironmentCreationError,
+    IsolatedEnvironment,
+    IsolationManager,
+    Ledger,
+)
+from pytest_isolation.engines.virtualenv import VirtualenvEnvironment
+from tests.conftest import Wheelhouse, build_wheel, other_interpreter
+
+META = ".pytest-isolation-template.json"
+VERSION_CODE = "import tinypkg; print(tinypkg.VERSION)"
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+class Local(TypedDict):
+    find_links: list[str]
+    offline: bool
+
+
+def local(wheels: Path) -> Local:
+    """Options that install from the folder ``wheels`` only, never from the network."""
+    return {"find_links": [str(wheels)], "offline": True}
+
+
+def private_wheels(wheelhouse: Wheelhouse, tmp_path: Path) -> Path:
+    """A copy of the wheelhouse at a new path: its spec is new, so it gets a new template."""
+    target = tmp_path / "wheels"
+    shutil.copytree(wheelhouse.path, target)
+    return target.resolve()
+
+
+def venv_of(env: IsolatedEnvironment) -> VirtualenvEnvironment:
+    assert isinstance(env, VirtualenvEnvironment), env
+    return env
+
+
+def version_in(env: IsolatedEnvironment, module: str = "tinypkg") -> str:
+    code = f"import {module}; print({module}.VERSION)"
+    return env.run(["python", "-c", code]).check().stdout.strip()
+
+
+def template_root() -> Path:
+    return Path(os.environ["PYTEST_ISOLATION_CACHE_DIR"]) / "venv-templates"
+
+
+def templates_for(
+    find_links: Path,
+    packages: Sequence[str],
+    *,
+    installer: str = "uv",
+    seed: bool = False,
+    python: str = sys.executable,
+) -> list[Path]:
+    """The finished templates of the cache built for exactly this spec."""
+    found = []
+    for meta in sorted(template_root().glob(f"*/{META}")):
+        key = json.loads(meta.read_text("utf-8"))["key"]
+        if (
+            [entry[0] for entry in key["find_links"]] == [str(find_links.resolve())]
+            and key["packages"] == sorted(packages)
+            and key["requirements"] is None
+            and key["installer"] == installer
+            and key["seed"] == seed
+            and key["python"][0] == str(Path(python).resolve())
+        ):
+            found.append(meta.parent)
+    return found
+
+
+def half_built_templates() -> list[Path]:
+    """Template folders without their metadata: builds that failed and were not removed."""
+    return [p for p in template_root().iterdir() if p.is_dir() and not (p / META).exists()]
+
+
+def linkable_files(template: Path) -> list[str]:
+    """The template's files a clone may share: non-empty regular files not rewritten."""
+    rewritten = set(json.loads((template / META).read_text("utf-8"))["rewrite"])
+    candidates = [template / "pyvenv.cfg", *template.glob("lib/python*/site-packages/**/*")]
+    return [
+        path.relative_to(template).as_posix()
+        for path in candidates
+        if path.is_file()
+        and not path.is_symlink()
+        and path.stat().st_size > 0
+        and path.relative_to(template).as_posix() not in rewritten
+    ]
+
+
+def reflinks_work(directory: Path) -> bool:
+    """Whether ``directory``'s filesystem can reflink, in which case clones get new inodes."""
+    import fcntl
+
+    source, target = directory / "reflink-probe", directory / "reflink-probe-copy"
+    source.write_bytes(b"probe")
+    try:
+        with source.open("rb") as src, target.open("xb") as dst:
+            fcntl.ioctl(dst.fileno(), 0x40049409, src.fileno())  # FICLONE
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        source.unlink()
+        target.unlink(missing_ok=True)
+
+
+def folders_of(session_id: str) -> list[Path]:
+    """The run's environment folders in the temp directory (other runs may share it)."""
+    return sorted(Path(tempfile.gettempdir()).glob(f"pytest-isolation-{session_id[:8]}-*"))
+
+
+#: Lets a pytester run tell its own folders from those of other runs sharing the temp dir.
+NOTE_SESSION_ID = """
+import pytest
+
+@pytest.fixture(autouse=True, scope="session")
+def _note_session_id(isolation_manager):
+    with open("session-id", "w") as note:
+        note.write(isolation_manager.session_id)
+"""
+
+
+# --- using it as users do ---------------------------------------------------------------------
+
+
+def test_marker_gives_a_venv_with_the_packages_and_none_of_the_hosts(
+    pytester: pytest.Pytester, wheelhouse: Wheelhouse
+) -> None:
+    """The marker makes a venv: packages import, python/sys.prefix/VIRTUAL_ENV are the venv's."""
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.isolated("virtualenv", packages=["tinypkg==1.0"], {wheelhouse.options()})
+        def test_it(isolated_env):
+            venv = isolated_env.venv
+            assert isolated_env.engine == "virtualenv"
+            assert isolated_env.python.is_relative_to(venv) and isolated_env.python.is_file()
+            code = (
+                "import os, sys, tinypkg; print(tinypkg.VERSION); print(sys.prefix); "
+                "print(os.environ['VIRTUAL_ENV']); print(sys.executable)"
+            )
+            out = isolated_env.run(["python", "-c", code]).check().stdout.splitlines()
+            assert out == ["1.0", str(venv), str(venv), str(isolated_env.python)]
+            host = isolated_env.run(["python", "-c", "import pytest"])
+            assert host.returncode == 1, host
+            assert "No module named 'pytest'" in host.stderr
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*1 environment(s) (virtualenv: 1)*"])
+
+
+def test_engine_and_options_from_the_command_line(
+    pytester: pytest.Pytester, wheelhouse: Wheelhouse
+) -> None:
+    """--isolation=virtualenv and --isolation-option set the engine and its defaults."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        VERSION = "import tinypkg; print(tinypkg.VERSION)"
+
+        def test_defaults(isolated_env):
+            assert isolated_env.engine == "virtualenv"
+            assert isolated_env.run(["python", "-c", VERSION]).check().stdout == "1.0\\n"
+
+        @pytest.mark.isolated(packages=["tinypkg==2.0"])
+        def test_marker_wins(isolated_env):
+            assert isolated_env.engine == "virtualenv"
+            assert isolated_env.run(["python", "-c", VERSION]).check().stdout == "2.0\\n"
+        """
+    )
+    result = pytester.runpytest(
+        "--isolation=virtualenv",
+        "--isolation-option",
+        f"virtualenv.find_links=['{wheelhouse.path}']",
+        "--isolation-option",
+        "virtualenv.offline=true",
+        "--isolation-option",
+        "virtualenv.packages=[tinypkg==1.0]",
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_engine_and_options_from_the_ini_file(
+    pytester: pytest.Pytester, wheelhouse: Wheelhouse
+) -> None:
+    """Ini `isolation` and `isolation_options` work, a relative find_links taken from rootdir."""
+    shutil.copytree(wheelhouse.path, pytester.path / "wheels")
+    pytester.makeini(
+        """
+        [pytest]
+        isolation = virtualenv
+        isolation_options =
+            virtualenv.find_links=[wheels]
+            virtualenv.offline=true
+            virtualenv.packages=[tinypkg==1.0]
+        """
+    )
+    pytester.mkdir("sub")
+    pytester.path.joinpath("sub", "test_ini.py").write_text(
+        "def test_it(isolated_env):\n"
+        "    assert isolated_env.engine == 'virtualenv'\n"
+        f"    code = {VERSION_CODE!r}\n"
+        "    assert isolated_env.run(['python', '-c', code]).check().stdout == '1.0\\n'\n"
+    )
+    result = pytester.runpytest("sub")
+    result.assert_outcomes(passed=1)
+
+
+# --- creators ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("creator", ["uv", "virtualenv"])
+def test_creator_builds_a_working_environment(
+    pytester: pytest.Pytester, wheelhouse: Wheelhouse, creator: str
+) -> None:
+    """creator="uv" and creator="virtualenv" both give an environment whose packages import."""
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.isolated(
+            "virtualenv", creator={creator!r}, packages=["tinypkg==1.0"], {wheelhouse.options()}
+        )
+        def test_it(isolated_env):
+            assert isolated_env.installer.name == {creator!r}
+            # virtualenv installs with pip, so pip is in; uv leaves it out unless seeded
+            pip = isolated_env.run(["python", "-m", "pip", "--version"])
+            assert pip.ok is {creator == "virtualenv"}, pip
+            result = isolated_env.run(["python", "-c", {VERSION_CODE!r}])
+            assert result.stdout == "1.0\\n", result.stderr
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_virtualenv_creator_without_template(wheelhouse: Wheelhouse) -> None:
+    """creator="virtualenv" with template=False builds directly and its packages import."""
+    with IsolationManager() as manager:
+        env = venv_of(
+            manager.create(
+                "virtualenv",
+                creator="virtualenv",
+                template=False,
+                packages=["tinypkg==1.0"],
+                **local(wheelhouse.path),
+            )
+        )
+        assert env.installer.name == "virtualenv"
+        assert version_in(env) == "1.0"
+
+
+def test_seed_puts_pip_into_a_uv_environment(wheelhouse: Wheelhouse) -> None:
+    """seed=True gives a uv environment its own pip; without it there is none."""
+    with IsolationManager() as manager:
+        plain = manager.create("virtualenv", creator="uv", **local(wheelhouse.path))
+        seeded = venv_of(
+            manager.create("virtualenv", creator="uv", seed=True, **local(wheelhouse.path))
+        )
+        assert not plain.run(["python", "-m", "pip", "--version"]).ok
+        pip = seeded.run(["python", "-m", "pip", "--version"]).check()
+        assert str(seeded.venv) in pip.stdout
+        # the pip script's shebang named the template: it runs only if the clone rewrote it
+        assert seeded.run(["pip", "--version"]).check().stdout == pip.stdout
+
+
+# --- templates --------------------------------------------------------------------------------
+
+
+def test_second_environment_is_a_clone_sharing_the_templates_files(
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
+    """With link="auto" an environment is a clone whose files are the template's (same inode)."""
+    with IsolationManager() as manager:
+        first = venv_of(
+            manager.create("virtualenv", packages=["tinypkg==1.0"], **local(wheelhouse.path))
+        )
+        second = venv_of(
+            manager.create("virtualenv", packages=["tinypkg==1.0"], **local(wheelhouse.path))
+        )
+        (template,) = templates_for(wheelhouse.path, ["tinypkg==1.0"])
+        assert template.parent == template_root()
+        assert first.venv != second.venv
+        assert not (second.venv / META).exists()
+        files = linkable_files(template)
+        # RECORD and pyvenv.cfg are written per install, so sharing them means cloning, not
+        # uv hard-linking both from its own cache
+        assert "pyvenv.cfg" in files
+        assert any(name.endswith("dist-info/RECORD") for name in files)
+        # a reflink is a new inode; tmp_path is beside the cache, on the same filesystem
+        reflinked = reflinks_work(tmp_path)
+        for name in files:
+            assert os.path.samefile(template / name, second.venv / name) is not reflinked, name
+            assert (template / name).read_bytes() == (second.venv / name).read_bytes()
+        assert version_in(second) == "1.0"
+
+
+def test_copy_link_mode_shares_no_file_with_the_template(wheelhouse: Wheelhouse) -> None:
+    """With link="copy" no file of the clone is the template's file."""
+    with IsolationManager() as manager:
+        env = venv_of(
+            manager.create(
+                "virtualenv", packages=["tinypkg==1.0"], link="copy", **local(wheelhouse.path)
+            )
+        )
+        (template,) = templates_for(wheelhouse.path, ["tinypkg==1.0"])
+        files = linkable_files(template)
+        assert files
+        for name in files:
+            assert not os.path.samefile(template / name, env.venv / name), name
+            assert (template / name).read_bytes() == (env.venv / name).read_bytes()
+        assert version_in(env) == "1.0"
+
+
+def test_clones_are_independent_of_each_other_and_of_the_template(
+    wheelhouse: Wheelhouse,
+) -> None:
+    """Installing into one clone changes neither the other clone nor the template."""
+    with IsolationManager() as manager:
+        one = venv_of(
+            manager.create("virtualenv", packages=["tinypkg==1.0"], **local(wheelhouse.path))
+        )
+        two = venv_of(
+            manager.create("virtualenv", packages=["tinypkg==1.0"], **local(wheelhouse.path))
+        )
+        one.install(["tinypkg==2.0", "tinycli"])
+        assert version_in(one) == "2.0"
+        assert one.run(["tinycli"]).check().stdout == "0.1\n"
+        assert version_in(two) == "1.0"
+        assert not (two.venv / "bin" / "tinycli").exists()
+        (template,) = templates_for(wheelhouse.path, ["tinypkg==1.0"])
+        (source,) = template.glob("lib/python*/site-packages/tinypkg/__init__.py")
+        assert "VERSION = '1.0'" in source.read_text()
+
+
+def test_console_script_of_a_clone_runs_with_the_clones_python(wheelhouse: Wheelhouse) -> None:
+    """A clone's console script runs, its shebang naming the clone's python, not the template's."""
+    with IsolationManager() as manager:
+        manager.create("virtualenv", packages=["tinycli"], **local(wheelhouse.path))
+        env = venv_of(manager.create("virtualenv", packages=["tinycli"], **local(wheelhouse.path)))
+        (template,) = templates_for(wheelhouse.path, ["tinycli"])
+        script = (env.venv / "bin" / "tinycli").read_text()
+        assert script.splitlines()[0] == f"#!{env.python}"
+        assert str(template) not in script
+        assert (template / "bin" / "tinycli").read_text().startswith(f"#!{template}/bin/python")
+        assert env.run(["tinycli"]).check().stdout == "0.1\n"
+        found = env.run(["sh", "-c", "command -v tinycli"]).check().stdout.strip()
+        assert found == str(env.venv / "bin" / "tinycli")
+
+
+def test_changed_packages_build_another_template(wheelhouse: Wheelhouse) -> None:
+    """A spec with other packages gets its own template with its own content."""
+    with IsolationManager() as manager:
+        old = manager.create("virtualenv", packages=["tinypkg==1.0"], **local(wheelhouse.path))
+        new = manager.create(
+            "virtualenv", packages=["tinypkg==2.0", "tinycli"], **local(wheelhouse.path)
+        )
+        (old_template,) = templates_for(wheelhouse.path, ["tinypkg==1.0"])
+        (new_template,) = templates_for(wheelhouse.path, ["tinypkg==2.0", "tinycli"])
+        assert old_template != new_template
+        assert version_in(old) == "1.0"
+        assert version_in(new) == "2.0"
+        assert not (old_template / "bin" / "tinycli").exists()
+        assert (new_template / "bin" / "tinycli").exists()
+
+
+def test_a_new_wheel_in_find_links_builds_a_new_template(
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
+    """Adding a wheel to a find_links folder makes a new template that installs it."""
+    links = private_wheels(wheelhouse, tmp_path)
+    with IsolationManager() as manager:
+        before = manager.create("virtualenv", packages=["tinypkg"], **local(links))
+        assert version_in(before) == "2.0"
+        build_wheel(links, "tinypkg", "3.0")
+        after = manager.create("virtualenv", packages=["tinypkg"], **local(links))
+        assert version_in(after) == "3.0"
+        assert len(templates_for(links, ["tinypkg"])) == 2
+
+
+def test_template_false_builds_the_environment_directly(
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
+    """template=False builds in place: no template is made and no file is shared with one."""
+    links = private_wheels(wheelhouse, tmp_path)
+    with IsolationManager() as manager:
+        env = venv_of(
+            manager.create("virtualenv", packages=["tinypkg==1.0"], template=False, **local(links))
+        )
+        assert version_in(env) == "1.0"
+        assert templates_for(links, ["tinypkg==1.0"]) == []
+        assert (env.venv / "pyvenv.cfg").stat().st_nlink == 1
+        assert not (env.venv / META).exists()
+
+
+# --- install() --------------------------------------------------------------------------------
+
+
+def test_install_after_creation_upgrades_a_package(
+    pytester: pytest.Pytester, wheelhouse: Wheelhouse
+) -> None:
+    """isolated_env.install() installs with the spec's find_links; an upgrade is visible at once."""
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.isolated("virtualenv", packages=["tinypkg==1.0"], {wheelhouse.options()})
+        def test_it(isolated_env):
+            code = {VERSION_CODE!r}
+            assert isolated_env.run(["python", "-c", code]).check().stdout == "1.0\\n"
+            assert isolated_env.install(["tinypkg==2.0"]).ok
+            assert isolated_env.run(["python", "-c", code]).check().stdout == "2.0\\n"
+            assert isolated_env.install("tinycli").ok
+            assert isolated_env.run(["tinycli"]).check().stdout == "0.1\\n"
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_install_of_a_missing_package_raises_command_failed(wheelhouse: Wheelhouse) -> None:
+    """install() of a package that cannot be found raises CommandFailed carrying uv's output."""
+    with IsolationManager() as manager:
+        env = manager.create("virtualenv", packages=["tinypkg==1.0"], **local(wheelhouse.path))
+        with pytest.raises(CommandFailed) as failure:
+            env.install(["nosuchpkg"])
+        assert failure.value.returncode != 0
+        assert "nosuchpkg was not found" in str(failure.value)
+        assert version_in(env) == "1.0"
+
+
+# --- python= ----------------------------------------------------------------------------------
+
+
+def test_python_path_to_another_interpreter_is_used(wheelhouse: Wheelhouse) -> None:
+    """python=<path> makes the environment with that interpreter."""
+    other = other_interpreter()
+    assert other is not None, "no second Python interpreter on this machine (CI has several)"
+    show = "import sys; print(sys.version); print(sys.base_prefix); print(sys.prefix)"
+    direct = subprocess.run(
+        [str(other), "-c", show], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    with IsolationManager() as manager:
+        env = venv_of(
+            manager.create(
+                "virtualenv", python=str(other), packages=["tinypkg==1.0"], **local(wheelhouse.path)
+            )
+        )
+        inside = env.run(["python", "-c", show]).check().stdout.splitlines()
+        assert inside == [direct[0], direct[1], str(env.venv)]
+        assert version_in(env) == "1.0"
+
+
+def test_python_version_of_the_running_interpreter_works(wheelhouse: Wheelhouse) -> None:
+    """python="X.Y" (the running interpreter's version) finds an interpreter of that version."""
+    wanted = "{}.{}".format(*sys.version_info[:2])
+    with IsolationManager() as manager:
+        env = manager.create(
+            "virtualenv", python=wanted, packages=["tinypkg==1.0"], **local(wheelhouse.path)
+        )
+        show = "import sys; print('{}.{}'.format(*sys.version_info[:2]))"
+        assert env.run(["python", "-c", show]).check().stdout.strip() == wanted
+        assert version_in(env) == "1.0"
+
+
+# --- mistakes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        pytest.param(
+            'packages=["nosuchpkg"]',
+            [
+                "E *EnvironmentCreationError: virtualenv: installing nosuchpkg with uv failed*",
+                "E *nosuchpkg was not found*",
+            ],
+            id="unresolvable-package",
+        ),
+        pytest.param(
+            'python="3.99"',
+            ["E *EnvironmentCreationError: virtualenv: python='3.99': no such interpreter found*"],
+            id="unknown-python-version",
+        ),
+        pytest.param(
+            'python="/nonexistent/python"',
+            [
+                "E *EnvironmentCreationError: virtualenv: python='/nonexistent/python': "
+                "no executable interpreter at that path"
+            ],
+            id="missing-python-path",
+        ),
+        pytest.param(
+            'requirements="missing.txt"',
+            ["E *EnvironmentCreationError: virtualenv: requirements file */missing.txt not found"],
+            id="missing-requirements-file",
+        ),
+    ],
+)
+def test_impossible_environment_errors_in_setup_and_leaves_nothing(
+    pytester: pytest.Pytester,
+    wheelhouse: Wheelhouse,
+    isolation_state: Ledger,
+    arguments: str,
+    expected: list[str],
+) -> None:
+    """An environment that cannot be made errors the test in set-up, says why, leaves nothing."""
+    pytester.makeconftest(NOTE_SESSION_ID)
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.isolated("virtualenv", {arguments}, {wheelhouse.options()})
+        def test_it():
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at setup of test_it*", *expected])
+    assert isolation_state.records() == []
+    assert folders_of((pytester.path / "session-id").read_text()) == []
+    assert half_built_templates() == []
+
+
+def test_failed_build_leaves_no_template_and_no_resources(
+    wheelhouse: Wheelhouse, isolation_state: Ledger
+) -> None:
+    """A template build that fails raises EnvironmentCreationError and removes what it made."""
+    with IsolationManager() as manager:
+        with pytest.raises(EnvironmentCreationError) as failure:
+            manager.create("virtualenv", packages=["nosuchpkg"], **local(wheelhouse.path))
+        assert "nosuchpkg was not found" in failure.value.output
+        assert isinstance(failure.value.__cause__, CommandFailed)
+        # checked before the manager closes: the engine itself must clean up, not a later prune
+        assert half_built_templates() == []
+        assert isolation_state.records() == []
+        assert folders_of(manager.session_id) == []
+        assert manager.list() == []
+
+
+def test_wrong_option_type_is_a_collection_error(pytester: pytest.Pytester) -> None:
+    """packages=5 fails collection naming the test, the option and what is expected."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.isolated("virtualenv", packages=5)
+        def test_it():
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR collecting*",
+            "*test_wrong_option_type_is_a_collection_error.py::test_it: invalid value for option "
+            "'packages' of engine 'virtualenv': expected a list of strings, got 5*",
+        ]
+    )
+
+
+def test_unknown_option_is_a_collection_error_listing_the_allowed_ones(
+    pytester: pytest.Pytester,
+) -> None:
+    """A misspelt option fails collection and lists the options the engine accepts."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.isolated("virtualenv", pakages=["tinypkg"])
+        def test_it():
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_it: engine 'virtualenv' does not accept option 'pakages'; allowed options: "
+            "*find_links*packages*python*requirements*"
+        ]
+    )
+
+
+# --- requirements= ----------------------------------------------------------------------------
+
+
+def test_relative_requirements_and_find_links_are_taken_from_the_test_files_folder(
+    pytester: pytest.Pytester, wheelhouse: Wheelhouse
+) -> None:
+    """requirements= and find_links= relative paths start at the test file's folder."""
+    sub = pytester.mkdir("sub")
+    shutil.copytree(wheelhouse.path, sub / "wheels")
+    (sub / "requirements.txt").write_text("tinypkg==1.0\ntinycli\n")
+    (sub / "test_requirements.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.isolated(\n"
+        "    'virtualenv', requirements='requirements.txt', find_links=['wheels'], offline=True\n"
+        ")\n"
+        "def test_it(isolated_env):\n"
+        f"    code = {VERSION_CODE!r}\n"
+        "    assert isolated_env.run(['python', '-c', code]).check().stdout == '1.0\\n'\n"
+        "    assert isolated_env.run(['tinycli']).check().stdout == '0.1\\n'\n"
+    )
+    # run from the rootdir, which has neither file: only the test's folder does
+    result = pytester.runpytest("sub")
+    result.assert_outcomes(passed=1)
+
+
+def test_edited_requirements_file_builds_a_new_template(
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
+    """An environment follows the requirements file's content, not an older template of it."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("tinypkg==1.0\n")
+    with IsolationManager() as manager:
+        before = manager.create(
+            "virtualenv", requirements=str(requirements), **local(wheelhouse.path)
+        )
+        assert version_in(before) == "1.0"
+        # same size, and possibly the same mtime: only the content tells them apart
+        requirements.write_text("tinypkg==2.0\n")
+        after = manager.create(
+            "virtualenv", requirements=str(requirements), **local(wheelhouse.path)
+        )
+        assert version_in(after) == "2.0"
+
+
+# --- scopes -----------------------------------------------------------------------------------
+
+
+def test_module_scope_shares_one_environment_and_function_scope_does_not(
+    pytester: pytest.Pytester, wheelhouse: Wheelhouse
+) -> None:
+    """scope="module" gives a module's tests one venv; a function-scoped test gets its own."""
+    options = f'"virtualenv", packages=["tinypkg==1.0"], {wheelhouse.options()}'
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        pytestmark = pytest.mark.isolated({options}, scope="module")
+        seen = []
+
+        def note(env):
+            seen.append((env.id, env.venv))
+            with open("roots.txt", "a") as roots:
+                roots.write(f"{{env.root}}\\n{{env.venv}}\\n")
+
+        def test_first(isolated_env):
+            note(isolated_env)
+            isolated_env.write_file("mark", "first")
+
+        def test_second(isolated_env):
+            note(isolated_env)
+            assert seen[0] == seen[1]
+            assert isolated_env.read_file("mark") == b"first"
+
+        @pytest.mark.isolated({options})
+        def test_own(isolated_env):
+            note(isolated_env)
+            assert seen[2][0] != seen[0][0] and seen[2][1] != seen[0][1]
+            assert not (isolated_env.path / "mark").exists()
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*2 environment(s) (virtualenv: 2)*"])
+    left = [p for p in (pytester.path / "roots.txt").read_text().split() if Path(p).exists()]
+    assert left == []
+
+
+def test_session_scope_shares_one_environment_across_modules(
+    pytester: pytest.Pytester, wheelhouse: Wheelhouse
+) -> None:
+    """scope="session" gives the tests of every module the same venv, removed at the end."""
+    marker = (
+        f'pytestmark = pytest.mark.isolated("virtualenv", packages=["tinypkg==1.0"], '
+        f'scope="session", {wheelhouse.options()})'
+    )
+    pytester.makepyfile(
+        test_one=f"""
+        import pytest
+
+        {marker}
+
+        def test_one(isolated_env):
+            isolated_env.write_file("owner", isolated_env.id)
+            with open("roots.txt", "w") as roots:
+                roots.write(f"{{isolated_env.root}}\\n{{isolated_env.venv}}\\n")
+        """,
+        test_two=f"""
+        import pytest
+
+        {marker}
+
+        def test_two(isolated_env):
+            assert isolated_env.read_file("owner").decode() == isolated_env.id
+            assert isolated_env.run(["python", "-c", {VERSION_CODE!r}]).check().stdout == "1.0\\n"
+        """,
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*1 environment(s) (virtualenv: 1)*"])
+    roots = (pytester.path / "roots.txt").read_text().split()
+    assert len(roots) == 2
+    assert [p for p in roots if Path(p).exists()] == []
+
+
+# --- parallel runs ----------------------------------------------------------------------------
+
+
+def test_xdist_workers_build_the_template_once(
+    pytester: pytest.Pytester, wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
+    """Under -n 2, tests of one new spec all pass and share a single template."""
+    links = private_wheels(wheelhouse, tmp_path)
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        @pytest.mark.isolated(
+            "virtualenv", packages=["tinypkg==1.0"], find_links=[{str(links)!r}], offline=True
+        )
+        def test_it(isolated_env, n):
+            result = isolated_env.run(["python", "-c", {VERSION_CODE!r}]).check()
+            assert result.stdout == "1.0\\n"
+        """
+    )
+    result = pytester.runpytest("-n", "2")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*2 workers [[]4 items[]]*", "*4 environment(s) (virtualenv: 4)*"])
+    assert len(templates_for(links, ["tinypkg==1.0"])) == 1
+
+
+def test_two_managers_in_threads_create_the_same_new_spec_at_once(
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
+    """Two managers creating environments of one new spec at the same time both succeed."""
+    links = private_wheels(wheelhouse, tmp_path)
+    start = threading.Barrier(2)
+    versions: list[str] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            with IsolationManager() as manager:
+                start.wait(timeout=30)
+                env = manager.create("virtualenv", packages=["tinypkg==1.0"], **local(links))
+                versions.append(version_in(env))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert versions == ["1.0", "1.0"]
+    assert len(templates_for(links, ["tinypkg==1.0"])) == 1
