@@ -98,8 +98,12 @@ def _age(seconds: float) -> str:
 
 def list_environments(manager: IsolationManager) -> int:
     records = manager.ledger.records()
+    corrupt = manager.ledger.corrupt()
+    for bad in corrupt:
+        print(f"unreadable ledger entry: {bad} (removed by `cleanup --all`)")
     if not records:
-        print("no environments in the ledger")
+        if not corrupt:
+            print("no environments in the ledger")
         return 0
     now = time.time()
     by_env: dict[str, list[ResourceRecord]] = defaultdict(list)
@@ -114,8 +118,6 @@ def list_environments(manager: IsolationManager) -> int:
         )
         for record in items:
             print(f"    {record.kind}: {record.identifier}")
-    for bad in manager.ledger.corrupt():
-        print(f"unreadable ledger entry: {bad} (removed by `cleanup --all`)")
     return 0
 
 

@@ -26,8 +26,9 @@ def pytest_isolation_register_engines(registry: EngineRegistry) -> None:
 
     Called once per run, and for plugins registered later (deeper
     ``conftest.py`` files) as they arrive.  The built-in engines register
-    here too, last and without replacing a name already taken, so a plugin
-    can override one with ``registry.register(MyEngine, replace=True)``.
+    here too, first, so a plugin overrides one with
+    ``registry.register(MyEngine, replace=True)``; replacing is allowed only
+    before the run starts (plugins and the rootdir ``conftest.py``).
     """
 
 

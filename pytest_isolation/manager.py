@@ -41,6 +41,7 @@ from .engines.base import (
 from .errors import (
     EngineUnavailable,
     EnvironmentCreationError,
+    InvalidSpec,
     IsolationError,
     TeardownError,
     UnknownEngine,
@@ -72,39 +73,51 @@ class EngineRegistry:
     def __init__(self) -> None:
         self._engines: dict[str, type[Engine]] = {}
         self.broken: dict[str, str] = {}
+        self._sealed = False
 
-    def register(
-        self, engine: type[Engine], *, replace: bool = False, default: bool = False
-    ) -> None:
-        """Add ``engine`` under ``engine.name``.
+    def register(self, engine: type[Engine], *, replace: bool = False) -> None:
+        """Add ``engine`` under ``engine.name``; ``replace`` overrides an engine of that name.
 
-        ``replace`` overrides an engine of the same name; ``default`` (used by
-        the built-ins) gives way silently to one already registered.
+        Raises :class:`InvalidSpec` for a name that is taken (without ``replace``),
+        and for a replacement once the run has started: a ``conftest.py`` found
+        during collection would otherwise change an engine for tests outside
+        its directory too.
         """
         name = getattr(engine, "name", None)
         if not isinstance(name, str) or not name:
             raise TypeError(f"{engine!r} has no 'name': set name = '...' on the engine class")
         current = self._engines.get(name)
-        if current is not None and current is not engine and not replace:
-            if default:
-                return
-            raise ValueError(
-                f"engine {name!r} is registered twice ({current.__module__}.{current.__qualname__}"
-                f" and {engine.__module__}.{engine.__qualname__}); pass replace=True to override"
-            )
+        if current is not None and current is not engine:
+            where = f"{engine.__module__}.{engine.__qualname__}"
+            if not replace:
+                raise InvalidSpec(
+                    f"engine {name!r} is registered twice ({current.__module__}."
+                    f"{current.__qualname__} and {where}); pass replace=True to override it",
+                    source="pytest_isolation_register_engines",
+                )
+            if self._sealed:
+                raise InvalidSpec(
+                    f"{where} replaces engine {name!r} after the run started, which would change "
+                    "it for every test of the run; replace engines in the rootdir conftest.py or "
+                    "a plugin (new engine names may be added anywhere)",
+                    source="pytest_isolation_register_engines",
+                )
         self._engines[name] = engine
         self.broken.pop(name, None)
+
+    def seal(self) -> None:
+        """From now on engines may be added but not replaced."""
+        self._sealed = True
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         """Register the engines of installed distributions (``[project.entry-points]``)."""
         for point in entry_points(group=group):
-            if point.name in self._engines:
-                continue
             try:
-                engine = point.load()
-                self.register(engine)
+                self.register(point.load())
             except Exception as exc:  # a broken third-party package must not break the run
-                self.broken[point.name] = f"entry point {point.value!r} failed to load: {exc}"
+                self.broken.setdefault(
+                    point.name, f"entry point {point.value!r} cannot be used: {exc}"
+                )
 
     def names(self) -> list[str]:
         return sorted(self._engines)
@@ -403,11 +416,13 @@ class IsolationManager:
     def destroy_all(self) -> None:
         """Tear down every live environment, newest first; raises one :class:`TeardownError`."""
         errors: list[BaseException] = []
-        for env in reversed(self.list()):
-            try:
-                self.destroy(env)
-            except TeardownError as exc:
-                errors.extend(exc.errors)
+        # One deferral around the loop: an interrupt waits until every environment is gone.
+        with signals_deferred():
+            for env in reversed(self.list()):
+                try:
+                    self.destroy(env)
+                except TeardownError as exc:
+                    errors.extend(exc.errors)
         if errors:
             raise TeardownError("(all)", errors)
 

@@ -126,8 +126,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     workerinput = getattr(config, "workerinput", None)
     session_id = workerinput["isolation_session"] if workerinput else new_session_id()
-    session = IsolationSession(config, settings, session_id, worker=workerinput is not None)
     try:
+        session = IsolationSession(config, settings, session_id, worker=workerinput is not None)
         session.validate_settings()
     except InvalidSpec as exc:
         raise pytest.UsageError(str(exc)) from None

@@ -6,7 +6,7 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
@@ -186,13 +186,17 @@ class IsolationSession:
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for event in getattr(report, "isolation_events", ()):
+        self._absorb(getattr(report, "isolation_events", ()))
+
+    def _absorb(self, events: Iterable[dict[str, Any]]) -> None:
+        for event in events:
             if "setup" in event:
                 self.setups.append(SetupEvent(**event["setup"]))
             if "kept" in event:
                 self.kept.append(KeptEvent(**event["kept"]))
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.manager.registry.seal()
         if self.worker:
             return
         swept = self.manager.sweep()
@@ -204,6 +208,9 @@ class IsolationSession:
             reporter.write_line(line)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        # events of teardowns that no report followed (an interrupted run's session finish)
+        self._absorb(self._events)
+        self._events = []
         if not self.setups and not self.kept:
             return
         write = terminalreporter.write_line
@@ -241,6 +248,11 @@ class IsolationSession:
             self.manager.close()
         except TeardownError as exc:  # finalizers did not run (an internal error): say so
             sys.stderr.write(f"pytest-isolation: {exc}\n")
+        if not self.worker:
+            # xdist workers killed before their teardown (SIGTERM to the controller alone)
+            # leave resources of this run whose owners are gone: release them now.
+            own = self.manager.session_id
+            self.manager.sweep(select=lambda record: record.owner.session == own)
         self.manager.prune_caches(CACHE_MAX_AGE)
 
 

@@ -16,9 +16,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Generic, Literal, Protocol, TypeVar, cast, get_args
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, get_args
 
 from .errors import InvalidSpec
+
+if TYPE_CHECKING:
+    from .engines.base import Engine
 
 Scope = Literal["function", "module", "session"]
 KeepPolicy = Literal["none", "failed", "all"]
@@ -256,14 +259,6 @@ def choice(*allowed: str) -> Callable[[object, Path], object]:
     return convert
 
 
-class EngineSchema(Protocol):
-    """What spec resolution needs to know of an engine."""
-
-    name: str
-    options: Mapping[str, Option]
-    supported_limits: frozenset[str]
-
-
 COMMON_OPTIONS: Mapping[str, Option] = MappingProxyType(
     {
         "scope": Option(
@@ -458,7 +453,7 @@ def _jsonable(value: object) -> object:
 
 
 def resolve_spec(
-    schema: EngineSchema,
+    schema: type[Engine],
     marker_options: Mapping[str, object],
     *,
     where: str,

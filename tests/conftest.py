@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -91,8 +92,16 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def isolation_state(
     tmp_path_factory: pytest.TempPathFactory, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Ledger]:
-    """A private ledger per test, checked empty at the end; the shared template cache."""
+    """A private ledger and temp directory per test, both checked empty at the end; the
+    shared template cache.
+
+    With a temp directory of its own, each test sees only the environment folders it made,
+    also when other runs (or xdist workers of this one) work beside it.
+    """
     state = tmp_path_factory.mktemp("isolation-state")
+    private_tmp = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setenv("TMPDIR", str(private_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     monkeypatch.setenv("PYTEST_ISOLATION_STATE_DIR", str(state))
     monkeypatch.setenv("PYTEST_ISOLATION_CACHE_DIR", str(shared_cache))
     monkeypatch.setenv("UV_CACHE_DIR", str(shared_cache / "uv"))
@@ -102,6 +111,8 @@ def isolation_state(
     yield ledger
     left = ledger.records()
     assert not left, f"ledger entries left behind: {[(r.kind, r.identifier) for r in left]}"
+    folders = sorted(p.name for p in private_tmp.glob("pytest-isolation-*"))
+    assert not folders, f"environment folders left behind: {folders}"
 
 
 @pytest.fixture
@@ -117,7 +128,9 @@ def other_interpreter() -> Path | None:
     candidates += [str(p) for p in Path.home().glob(".pyenv/versions/3.*/bin/python3")]
     candidates.append("/usr/bin/python3")
     for candidate in candidates:
-        if candidate and Path(candidate).exists() and Path(candidate).resolve() != current:
-            if "shims" not in candidate:
-                return Path(candidate)
+        # pyenv shims are scripts that may name no installed version
+        if candidate is None or "shims" in candidate or not Path(candidate).exists():
+            continue
+        if Path(candidate).resolve() != current:
+            return Path(candidate)
     return None

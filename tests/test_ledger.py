@@ -11,10 +11,22 @@ from pathlib import Path
 from pytest_isolation.ledger import Ledger, Owner, ResourceRecord, process_started
 
 
-def _record(owner: Owner, identifier: str = "/nowhere", **kw: object) -> ResourceRecord:
+def _record(
+    owner: Owner,
+    identifier: str = "/nowhere",
+    *,
+    data: dict[str, object] | None = None,
+    created: float | None = None,
+) -> ResourceRecord:
     return ResourceRecord(
-        kind="directory", identifier=identifier, engine="basic", env_id="e1", owner=owner, **kw
-    )  # type: ignore[arg-type]
+        kind="directory",
+        identifier=identifier,
+        engine="basic",
+        env_id="e1",
+        owner=owner,
+        data=data or {},
+        created=created or time.time(),
+    )
 
 
 def _dead_owner() -> Owner:

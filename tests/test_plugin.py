@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Wheelhouse
-
 
 def test_help_shows_the_isolation_group(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")

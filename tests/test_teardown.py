@@ -62,11 +62,12 @@ def remember(env):
 
 
 def roots(pytester: pytest.Pytester) -> list[Path]:
-    """The root folders the inner tests reported, in order."""
+    """The root folders the inner tests reported, in order (complete lines only: a child
+    process may be writing the next one)."""
     listing = pytester.path / "roots.txt"
     if not listing.exists():
         return []
-    return [Path(line) for line in listing.read_text().splitlines() if line]
+    return [Path(line) for line in listing.read_text().split("\n")[:-1] if line]
 
 
 def wait_for(check: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T:
@@ -877,6 +878,33 @@ def test_registering_a_taken_name_is_a_usage_error_not_an_internal_error(
     assert "INTERNALERROR" not in result.stderr.str()
 
 
+def test_taking_a_builtin_name_without_replace_is_an_error_in_a_root_conftest_too(
+    pytester: pytest.Pytester, isolation_state: Ledger
+) -> None:
+    """An engine that happens to be called "basic", registered without replace=True, is a
+    clash ("replace=True to override a built-in", docs/extending.md), as it already is from
+    a deeper conftest, instead of silently replacing the built-in for the whole run."""
+    pytester.makeconftest(
+        MY_ENGINE
+        + """
+class Accidental(MyEngine):
+    name = "basic"
+
+@pytest.hookimpl
+def pytest_isolation_register_engines(registry):
+    registry.register(Accidental)
+"""
+    )
+    pytester.makepyfile(
+        "def test_it(isolated_env):\n    assert type(isolated_env).__name__ == 'LocalEnvironment'\n"
+    )
+    result = pytester.runpytest()
+    assert result.ret not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+    output = result.stdout.str() + result.stderr.str()
+    assert "engine 'basic' is registered twice" in output
+    assert isolation_state.records() == []
+
+
 def test_replace_true_overrides_an_engine(
     pytester: pytest.Pytester, isolation_state: Ledger
 ) -> None:
@@ -921,38 +949,51 @@ def test_basic(isolated_env):
     assert isolation_state.records() == []
 
 
-def test_a_subdirectory_conftest_engine_override_stays_in_its_directory(
+def test_a_subdirectory_conftest_cannot_replace_an_engine_for_the_whole_run(
     pytester: pytest.Pytester, isolation_state: Ledger
 ) -> None:
-    """A conftest.py applies to its own directory: its replacement of "basic" serves the tests
-    below it, and a test elsewhere in the same run keeps the built-in engine (as it does when
-    run alone)."""
+    """Engines are run-wide: a conftest.py found during collection may add engines but not
+    replace one, which would change it for tests outside its directory too."""
     sub = pytester.mkpydir("sub")
     (sub / "conftest.py").write_text(
         MY_ENGINE
         + """
-class Second(MyEnvironment):
-    made_by = "sub/conftest.py"
-
 class MyBasic(MyEngine):
     name = "basic"
-    environment = Second
 
 @pytest.hookimpl
 def pytest_isolation_register_engines(registry):
     registry.register(MyBasic, replace=True)
 """
     )
-    (sub / "test_inside.py").write_text(
-        "def test_inside(isolated_env):\n    assert type(isolated_env).__name__ == 'Second'\n"
-    )
-    pytester.makepyfile(
-        test_outside="def test_outside(isolated_env):\n"
-        "    assert type(isolated_env).__name__ == 'LocalEnvironment'\n"
-    )
-    pytester.runpytest("test_outside.py").assert_outcomes(passed=1)
+    (sub / "test_inside.py").write_text("def test_inside(isolated_env):\n    pass\n")
+    pytester.makepyfile(test_outside="def test_outside(isolated_env):\n    pass\n")
     result = pytester.runpytest()
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*MyBasic replaces engine 'basic' after the run started*rootdir conftest.py or a plugin*"]
+    )
+    assert isolation_state.records() == []
+
+
+def test_a_subdirectory_conftest_may_add_an_engine(
+    pytester: pytest.Pytester, isolation_state: Ledger
+) -> None:
+    """A new engine name from a deeper conftest.py serves the tests that ask for it."""
+    sub = pytester.mkpydir("sub")
+    (sub / "conftest.py").write_text(
+        MY_ENGINE
+        + """
+@pytest.hookimpl
+def pytest_isolation_register_engines(registry):
+    registry.register(MyEngine)
+"""
+    )
+    (sub / "test_inside.py").write_text(
+        "import pytest\n\n@pytest.mark.isolated('myengine')\n"
+        "def test_inside(isolated_env):\n    assert isolated_env.engine == 'myengine'\n"
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
     assert isolation_state.records() == []
 
 

@@ -17,7 +17,8 @@ hookimpl = pluggy.HookimplMarker("pytest")
 BUILTIN_ENGINES = (BasicEngine, VirtualenvEngine)
 
 
-@hookimpl(trylast=True)
+@hookimpl(tryfirst=True)
 def pytest_isolation_register_engines(registry: EngineRegistry) -> None:
+    # First, so that a plugin taking a built-in's name must say replace=True.
     for engine in BUILTIN_ENGINES:
-        registry.register(engine, default=True)
+        registry.register(engine)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import InvalidSpec, IsolationError, OperationNotSupported
 from ..execution import Command, ExecResult, Usage, normalize_command
-from ..ledger import Ledger, Owner, ResourceRecord, same_process
+from ..ledger import Ledger, Owner, ResourceRecord, process_started, same_process
 
 if TYPE_CHECKING:
     from ..spec import EnvSpec, Option
@@ -155,8 +155,6 @@ class Resources:
 
 
 def _started(pid: int) -> float:
-    from ..ledger import process_started
-
     return process_started(pid) or time.time()
 
 
@@ -177,15 +175,24 @@ def release_directory(record: ResourceRecord) -> None:
 
 
 def release_process(record: ResourceRecord) -> None:
-    """Kill a process (and its process group) if it is still the one that was recorded."""
+    """Kill a recorded process, or everything left in its process group.
+
+    A pid that now belongs to another process (a different start time) is left
+    alone.  A group outlives its leader, and the kernel does not reuse a pid
+    while a group of that id has members, so with the leader gone, whatever
+    is still in the group is the command's.
+    """
     pid = int(record.identifier)
     started = record.data.get("started")
-    if not isinstance(started, int | float) or not same_process(pid, float(started)):
+    if not isinstance(started, int | float):
         return
+    now = process_started(pid)
+    if now is not None and not same_process(pid, float(started)):
+        return  # the pid was reused
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if record.data.get("group"):
             os.killpg(pid, signal.SIGKILL)
-        else:
+        elif now is not None:
             os.kill(pid, signal.SIGKILL)
 
 
