@@ -1,0 +1,1 @@
+"""Kernel plumbing for the sandbox engine: namespaces and cgroups (Linux only)."""
