@@ -49,6 +49,15 @@ def _live_in_this_run(request: pytest.FixtureRequest) -> set[str]:
     return {env.path.parent.name for env in session.manager.list() if env.path is not None}
 
 
+def _watchdog_of_this_run(request: pytest.FixtureRequest) -> set[int]:
+    """The run's own watchdog lives as long as the run, not a test."""
+    from pytest_isolation.plugin import SESSION_KEY
+
+    session = request.config.stash.get(SESSION_KEY, None)
+    pid = session.manager.watchdog_pid if session is not None else None
+    return {pid} if pid is not None else set()
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves environment variables, cwd, processes or folders behind."""
@@ -69,7 +78,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         problems.append(f"environment variables changed: {sorted(changed)}")
     if os.getcwd() != cwd:
         problems.append(f"working directory changed to {os.getcwd()}")
-    leaked = _wait_for_children_gone(children)
+    leaked = _wait_for_children_gone(children) - _watchdog_of_this_run(request)
     if leaked:
         problems.append(f"child processes left running: {sorted(leaked)}")
     # tests that use a private temp directory have it checked by their own fixture

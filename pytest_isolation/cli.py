@@ -126,6 +126,9 @@ def clean(manager: IsolationManager, *, everything: bool, dry_run: bool, templat
     verb = "would remove" if dry_run else "removed"
     for record in report.released:
         print(f"{verb} {record.kind} {record.identifier} ({record.engine}, env {record.env_id})")
+    labelled = [] if dry_run else manager.sweep_labels()
+    for name in labelled:
+        print(f"removed {name} (labelled by an ended run, not in the ledger)")
     for record, error in report.failed:
         print(f"failed to remove {record.kind} {record.identifier}: {error}", file=sys.stderr)
     if everything:
@@ -140,6 +143,6 @@ def clean(manager: IsolationManager, *, everything: bool, dry_run: bool, templat
                 continue
             for removed in engine.prune_cache(None):
                 print(f"removed cached {removed}")
-    if not report.released and not report.failed:
+    if not report.released and not report.failed and not labelled:
         print("nothing to clean up")
     return 1 if report.failed else 0

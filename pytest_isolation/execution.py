@@ -99,6 +99,7 @@ def execute(
     timeout: float | None = None,
     shell: bool = False,
     on_spawn: SpawnHook | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> ExecResult:
     """Run ``command`` to completion and return its :class:`ExecResult`.
 
@@ -117,6 +118,8 @@ def execute(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        # only the sandbox passes one: its child makes system calls, then forks or execs
+        preexec_fn=preexec,  # noqa: PLW1509
     )
     forget = None
     try:

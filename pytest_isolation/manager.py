@@ -15,7 +15,9 @@ from __future__ import annotations
 import atexit
 import builtins
 import contextlib
+import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -46,8 +48,9 @@ from .errors import (
     TeardownError,
     UnknownEngine,
 )
-from .ledger import Ledger, Owner, ResourceRecord
+from .ledger import Ledger, Owner, ResourceRecord, same_process
 from .spec import EnvSpec, Settings, resolve_spec
+from .watchdog import Watchdog
 
 ENTRY_POINT_GROUP = "pytest_isolation.engines"
 
@@ -59,8 +62,6 @@ def new_session_id() -> str:
 
 def cache_dir() -> Path:
     """Where templates and caches live: ``$PYTEST_ISOLATION_CACHE_DIR`` or the XDG cache."""
-    import os
-
     explicit = os.environ.get("PYTEST_ISOLATION_CACHE_DIR")
     if explicit:
         return Path(explicit)
@@ -206,6 +207,7 @@ class IsolationManager:
             owner=self.owner,
             cache_dir=cache or cache_dir(),
             temp_dir=temp_dir or Path(tempfile.gettempdir()),
+            ledger=self.ledger,
         )
         self.registry = EngineRegistry()
         self.hook.pytest_isolation_register_engines.call_historic(
@@ -218,6 +220,7 @@ class IsolationManager:
         self._envs: dict[str, IsolatedEnvironment] = {}
         self._lock = threading.RLock()
         self._atexit_registered = False
+        self._watchdog: Watchdog | None = None
 
     # --- context manager and exit fallback ---
 
@@ -238,10 +241,18 @@ class IsolationManager:
             if self._atexit_registered:
                 atexit.unregister(self._at_exit)
                 self._atexit_registered = False
+            if self._watchdog is not None:
+                self._watchdog.stop()
+                self._watchdog = None
 
     def _at_exit(self) -> None:
         with contextlib.suppress(Exception):
-            self.destroy_all()
+            self.close()
+
+    @property
+    def watchdog_pid(self) -> int | None:
+        """The pid of this manager's watchdog, once it runs."""
+        return self._watchdog.pid if self._watchdog is not None else None
 
     # --- engines ---
 
@@ -357,6 +368,11 @@ class IsolationManager:
         if not self._atexit_registered:
             atexit.register(self._at_exit)
             self._atexit_registered = True
+        if self._watchdog is None and _watchdog_enabled():
+            # before the first resource exists: from here on, a killed runner is reaped
+            self._watchdog = Watchdog.start(
+                self.ledger.root.parent, self.session_id, self.owner.pid, self.owner.started
+            )
 
     def get(self, env_id: str) -> IsolatedEnvironment:
         """The live environment ``env_id``; ``KeyError`` if there is none."""
@@ -442,6 +458,38 @@ class IsolationManager:
         else:  # its engine's plugin is gone; the generic kinds can still be released
             Engine.release(_Anonymous(self.context), record)
 
+    def sweep_labels(
+        self, *, session: str | None = None, pid: int | None = None
+    ) -> builtins.list[str]:
+        """Remove labelled objects (containers, networks, namespaces) no ledger record lists.
+
+        With ``session`` and ``pid`` (the watchdog, once that runner is gone): the
+        objects of that runner.  Without: those whose owner, named by the labels,
+        provably no longer runs on this host.
+        """
+        recorded = {record.identifier for record in self.ledger.records()}
+        host = socket.gethostname()
+
+        def select(owner: Mapping[str, str]) -> bool:
+            if session is not None and owner.get("session") != session:
+                return False
+            if pid is not None:
+                return owner.get("pid") == str(pid)
+            try:
+                owner_pid, started = int(owner["pid"]), float(owner["started"])
+            except (KeyError, ValueError):
+                return False  # not provably ours to judge
+            return owner.get("host") == host and not same_process(owner_pid, started)
+
+        removed: builtins.list[str] = []
+        for name in self.registry.names():
+            engine_class = self.registry.get(name)
+            if engine_class.sweep_labelled is Engine.sweep_labelled:
+                continue  # no labelled objects: do not even create the engine
+            with contextlib.suppress(Exception):
+                removed += self.engine(name).sweep_labelled(recorded=recorded, select=select)
+        return removed
+
     def sweep(
         self,
         *,
@@ -491,3 +539,13 @@ class _Anonymous(Engine):
 def _add_note(exc: BaseException, note: str) -> None:
     if hasattr(exc, "add_note"):  # Python 3.11+
         exc.add_note(note)
+
+
+def _watchdog_enabled() -> bool:
+    """``PYTEST_ISOLATION_WATCHDOG=0`` turns the watchdog off (for debugging the reaping)."""
+    return os.environ.get("PYTEST_ISOLATION_WATCHDOG", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )

@@ -28,6 +28,7 @@ SETTINGS = {
     "require": ("isolation_require", "isolation_require", "PYTEST_ISOLATION_REQUIRE"),
     "options": ("isolation_options", "isolation_options", "PYTEST_ISOLATION_OPTIONS"),
     "durations": ("isolation_durations", "isolation_durations", "PYTEST_ISOLATION_DURATIONS"),
+    "inside": ("isolation_inside", "isolation_inside", "PYTEST_ISOLATION_INSIDE"),
 }
 
 MARKER = (
@@ -88,6 +89,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "are YAML: [a, b], true, 30)",
     )
     group.addoption(
+        "--isolation-image",
+        metavar="IMAGE",
+        dest="isolation_docker_image",
+        default=None,
+        help="image for the docker engine (the same as --isolation-option docker.image=IMAGE)",
+    )
+    group.addoption(
+        "--isolation-inside",
+        dest="isolation_inside",
+        action="store_const",
+        const="true",
+        default=None,
+        help="run every test's own body inside an environment of the default engine "
+        "(sandbox), each in its own. env: PYTEST_ISOLATION_INSIDE",
+    )
+    group.addoption(
         "--isolation-durations",
         metavar="N",
         dest="isolation_durations",
@@ -102,6 +119,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "isolation_options", "engine option defaults, ENGINE.OPTION=VALUE per line", type="linelist"
     )
     parser.addini("isolation_durations", "how many of the slowest set-ups to list")
+    parser.addini("isolation_inside", "run every test's body inside its environment (bool)")
+    parser.addini("isolation_docker_image", "image for the docker engine")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -139,12 +158,16 @@ def _layers(config: pytest.Config) -> list[Layer]:
     from .spec import Layer
 
     cli = {name: config.getoption(dest) for name, (dest, _, _) in SETTINGS.items()}
+    if image := config.getoption("isolation_docker_image"):
+        cli["options"] = [*(cli["options"] or []), f"docker.image={image}"]
     environ: dict[str, object] = {
         name: os.environ.get(var) for name, (_, _, var) in SETTINGS.items()
     }
     options = os.environ.get("PYTEST_ISOLATION_OPTIONS", "")
     environ["options"] = [item for item in options.split(";") if item.strip()]
     ini = {name: config.getini(key) for name, (_, key, _) in SETTINGS.items()}
+    if image := config.getini("isolation_docker_image"):
+        ini["options"] = [*ini["options"], f"docker.image={image}"]
     inifile = str(config.inipath) if config.inipath else "the ini file"
     return [
         Layer(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import threading
 from collections import Counter
@@ -10,16 +11,19 @@ from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 from .engines.base import EnvStatus, IsolatedEnvironment
-from .errors import InvalidSpec, TeardownError
+from .errors import EngineUnavailable, InvalidSpec, TeardownError, UnknownEngine
 from .manager import IsolationManager
 from .spec import EnvSpec, Settings, resolve_spec
+from .watchdog import sweep_labels_in_background
 
 SPEC_KEY = pytest.StashKey[EnvSpec]()
+ENV_KEY = pytest.StashKey[IsolatedEnvironment]()
+USED_KEY = pytest.StashKey[IsolatedEnvironment]()
 FAILED_KEY = pytest.StashKey[bool]()
 #: Templates and caches unused for this long are removed at the end of a run.
 CACHE_MAX_AGE = 30 * 24 * 3600.0
@@ -57,7 +61,7 @@ class IsolationSession:
         self.setups: list[SetupEvent] = []
         self.kept: list[KeptEvent] = []
         self._previous_sigterm: Any = None
-        self._install_sigterm()
+        self._sweeping: subprocess.Popen[bytes] | None = None
 
     # --- settings and specs ---
 
@@ -66,14 +70,16 @@ class IsolationSession:
         names = self.manager.registry.names()
         engine = self.settings.engine
         if engine.value not in self.manager.registry:
-            from .errors import UnknownEngine
-
             raise UnknownEngine(engine.value, names, source=engine.source)
+        if self.settings.inside and "inside" not in self.manager.registry.get(engine.value).options:
+            raise InvalidSpec(
+                f"--isolation-inside runs test bodies inside environments, which the "
+                f"{engine.value!r} engine cannot host; choose --isolation=sandbox",
+                source=engine.source,
+            )
         for name, options in self.settings.options.items():
             if name not in self.manager.registry:
                 source = next(iter(options.values())).source
-                from .errors import UnknownEngine
-
                 raise UnknownEngine(name, names, source=source)
             resolve_spec(
                 self.manager.registry.get(name),
@@ -125,20 +131,10 @@ class IsolationSession:
 
     def environment_for(self, item: pytest.Item) -> IsolatedEnvironment:
         """The environment of ``item``: made now, or shared within its scope."""
-        try:
-            spec = self.spec_for(item)
-        except InvalidSpec as exc:
-            pytest.fail(str(exc), pytrace=False)
-        availability = self.manager.availability(spec.engine)
-        if not availability:
-            message = f"isolation engine {spec.engine!r} is unavailable: {availability.reason}"
-            if availability.fix:
-                message += f"; {availability.fix}"
-            if self.settings.requires(spec.engine):
-                pytest.fail(
-                    f"{message} (required by {self.settings.require.source})", pytrace=False
-                )
-            pytest.skip(message)
+        made = item.stash.get(ENV_KEY, None)
+        if made is not None:
+            return made  # inside mode: the parent made it before forking this process
+        spec = self._usable_spec(item)
         node: pytest.Item | pytest.Collector | None = item
         if spec.scope == "module":
             node = item.getparent(pytest.Module) or item
@@ -148,13 +144,40 @@ class IsolationSession:
         key = (node.nodeid, spec.key)
         env = self._scoped.get(key)
         if env is None:
-            env = self.manager.create(spec, description=item.nodeid)
+            env = self._create(item, spec)
             self._scoped[key] = env
             self._users[env.id] = []
             node.addfinalizer(partial(self._finish, key, env))
-            event = SetupEvent(item.nodeid, spec.engine, env.id, env.usage().setup_duration)
-            self._events.append({"setup": event.__dict__})
         self._users[env.id].append(item)
+        item.stash[USED_KEY] = env
+        return env
+
+    def _usable_spec(self, item: pytest.Item) -> EnvSpec:
+        """The spec of ``item``; fails the test on a bad one, skips it if the engine cannot run."""
+        try:
+            spec = self.spec_for(item)
+        except InvalidSpec as exc:
+            pytest.fail(str(exc), pytrace=False)
+        availability = self.manager.availability(spec.engine)
+        if not availability:
+            self._unavailable(EngineUnavailable(spec.engine, availability.reason, availability.fix))
+        return spec
+
+    def _unavailable(self, error: EngineUnavailable) -> NoReturn:
+        if self.settings.requires(error.engine):
+            pytest.fail(f"{error} (required by {self.settings.require.source})", pytrace=False)
+        pytest.skip(str(error))
+
+    def _create(self, item: pytest.Item, spec: EnvSpec) -> IsolatedEnvironment:
+        missing: EngineUnavailable | None = None
+        try:
+            env = self.manager.create(spec, description=item.nodeid)
+        except EngineUnavailable as exc:  # this spec needs what the machine lacks (a limit)
+            missing = exc
+        if missing is not None:
+            self._unavailable(missing)  # outside the except: one message, not two chained
+        event = SetupEvent(item.nodeid, spec.engine, env.id, env.usage().setup_duration)
+        self._events.append({"setup": event.__dict__})
         return env
 
     def _finish(self, key: tuple[str, str], env: IsolatedEnvironment) -> None:
@@ -170,6 +193,80 @@ class IsolationSession:
                 event = KeptEvent(users[0].nodeid if users else "", env.engine, env.id, str(where))
                 self._events.append({"kept": event.__dict__})
 
+    # --- the test body inside its environment ---
+
+    def runs_inside(self, item: pytest.Item) -> bool:
+        if self.settings.inside:
+            return True
+        marker = item.get_closest_marker("isolated")
+        if marker is None or not marker.kwargs.get("inside"):
+            return False
+        try:
+            return bool(self.spec_for(item).options.get("inside"))
+        except InvalidSpec:
+            return False  # the normal protocol reports it
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> object:
+        if not self.runs_inside(item):
+            return None
+        from .inside import failure_report, run_forked
+
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        setup = pytest.CallInfo.from_call(lambda: self._inside_env(item), when="setup")
+        if setup.excinfo is not None:  # skipped, unavailable or failed to make
+            self._log(item, ihook.pytest_runtest_makereport(item=item, call=setup))
+            nothing = pytest.CallInfo.from_call(lambda: None, when="teardown")
+            self._log(item, ihook.pytest_runtest_makereport(item=item, call=nothing))
+        else:
+            env = setup.result
+            # events made so far ride on the child's reports, if any come
+            pending = len(self._events)
+            outcome = run_forked(item, nextitem, env)
+            reports = outcome.reports
+            if reports:
+                del self._events[:pending]
+            else:
+                why = env.explain_exit(outcome.status, outcome.timed_out, outcome.error)
+                setup_ok = pytest.CallInfo.from_call(lambda: None, when="setup")
+                reports = [
+                    ihook.pytest_runtest_makereport(item=item, call=setup_ok),
+                    failure_report(item, "call", why),
+                ]
+                nothing = pytest.CallInfo.from_call(lambda: None, when="teardown")
+                reports.append(ihook.pytest_runtest_makereport(item=item, call=nothing))
+            for report in reports[:-1]:
+                self._log(item, report)
+            try:
+                self._finish(("", env.id), env)
+            except TeardownError as exc:
+                reports[-1] = failure_report(item, "teardown", str(exc))
+            self._log(item, reports[-1])
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def _inside_env(self, item: pytest.Item) -> IsolatedEnvironment:
+        spec = self._usable_spec(item)
+        if spec.scope != "function":
+            pytest.fail(
+                f"{item.nodeid}: inside=True runs every test in a sandbox of its own; "
+                f"scope={spec.scope!r} cannot be shared with it (use scope='function')",
+                pytrace=False,
+            )
+        env = self._create(item, spec)
+        self._users[env.id] = [item]
+        item.stash[ENV_KEY] = env
+        return env
+
+    def _log(self, item: pytest.Item, report: pytest.TestReport) -> None:
+        if report.failed and report.when in ("setup", "call"):
+            item.stash[FAILED_KEY] = True
+        if self._events:
+            report.isolation_events = self._events  # type: ignore[attr-defined]
+            self._events = []
+        item.ihook.pytest_runtest_logreport(report=report)
+
     # --- reports ---
 
     @pytest.hookimpl(wrapper=True)
@@ -179,6 +276,10 @@ class IsolationSession:
         report = yield
         if report.failed and report.when in ("setup", "call"):
             item.stash[FAILED_KEY] = True
+            used = item.stash.get(USED_KEY, None)
+            if used is not None:
+                for title, text in used.report_sections():
+                    report.sections.append((f"isolation: {title}", text))
         if self._events:
             # rides on the report so that it reaches the xdist controller too
             report.isolation_events = self._events  # type: ignore[attr-defined]
@@ -197,12 +298,17 @@ class IsolationSession:
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self.manager.registry.seal()
+        self._install_sigterm()
         if self.worker:
             return
         swept = self.manager.sweep()
+        # objects only labels can find (their ledger was lost) take a daemon round trip and
+        # an SDK's import: done beside the run, in a process of its own
+        self._sweeping = sweep_labels_in_background(self.manager.ledger.root.parent)
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None and (swept.released or swept.failed):
-            line = f"isolation: released {len(swept.released)} leftover resource(s) of ended runs"
+        released = len(swept.released)
+        if reporter is not None and (released or swept.failed):
+            line = f"isolation: released {released} leftover resource(s) of ended runs"
             if swept.failed:
                 line += f"; {len(swept.failed)} could not be released (pytest-isolation cleanup)"
             reporter.write_line(line)
@@ -241,6 +347,15 @@ class IsolationSession:
         self._previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
 
     def close(self) -> None:
+        from .inside import reap_late
+
+        reap_late(block=True)
+        if self._sweeping is not None:
+            try:
+                self._sweeping.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._sweeping.kill()
+                self._sweeping.wait()
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None

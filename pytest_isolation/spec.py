@@ -319,6 +319,7 @@ class Settings:
     require: Sourced[frozenset[str]] = Sourced(frozenset(), "the default")
     options: Mapping[str, Mapping[str, Sourced[object]]] = field(default_factory=dict)
     durations: int = 5
+    inside: bool = False
 
     @classmethod
     def resolve(cls, layers: Sequence[Layer]) -> Settings:
@@ -365,6 +366,12 @@ class Settings:
                 kwargs["durations"] = int(cast("Any", raw))
             except (TypeError, ValueError):
                 raise InvalidSpec(f"expected a number, got {raw!r}", source=source) from None
+        if found := first("inside"):
+            raw, source, _ = found
+            try:
+                kwargs["inside"] = parse_bool(raw)
+            except ValueError as exc:
+                raise InvalidSpec(str(exc), source=source) from None
         kwargs["options"] = _layer_options(layers)
         return cls(**kwargs)
 
@@ -524,7 +531,7 @@ def resolve_spec(
     for name, option in schema.options.items():
         if name not in values and option.default is not None:
             values[name] = option.default
-    return EnvSpec(
+    spec = EnvSpec(
         engine=schema.name,
         options=MappingProxyType(values),
         limits=limits,
@@ -533,3 +540,8 @@ def resolve_spec(
         env=env,
         sources=MappingProxyType(sources),
     )
+    try:
+        schema.validate_spec(spec)
+    except InvalidSpec as exc:
+        raise InvalidSpec(str(exc), source=where) from None
+    return spec

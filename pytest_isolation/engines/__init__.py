@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from .basic import BasicEngine
+from .docker import DockerEngine
+from .sandbox import SandboxEngine
 from .virtualenv import VirtualenvEngine
 
 if TYPE_CHECKING:
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
 
 hookimpl = pluggy.HookimplMarker("pytest")
 
-BUILTIN_ENGINES = (BasicEngine, VirtualenvEngine)
+BUILTIN_ENGINES = (BasicEngine, VirtualenvEngine, SandboxEngine, DockerEngine)
 
 
 @hookimpl(tryfirst=True)

@@ -15,6 +15,7 @@ import enum
 import os
 import shutil
 import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +72,13 @@ class EngineContext:
     owner: Owner
     cache_dir: Path
     temp_dir: Path
+    ledger: Ledger
+
+    def engine_resources(self, engine: str, release: Callable[[ResourceRecord], None]) -> Resources:
+        """A stack for resources an engine keeps across environments (networks, pools)."""
+        return Resources(
+            self.ledger, self.owner, engine=engine, env_id=f"{engine}-shared", release=release
+        )
 
 
 class Resources:
@@ -98,13 +106,17 @@ class Resources:
         self.description = description
         self._release = release
         self._stack: list[ResourceRecord] = []
+        self._lock = threading.Lock()
 
     @property
     def records(self) -> tuple[ResourceRecord, ...]:
         return tuple(self._stack)
 
     def add(self, kind: str, identifier: str, **data: object) -> ResourceRecord:
-        """Record a resource about to be created; call before creating it."""
+        """Record a resource about to be created; call before creating it.
+
+        Safe to call from several threads (commands run from threads of a test).
+        """
         record = self.ledger.add(
             ResourceRecord(
                 kind=kind,
@@ -116,29 +128,40 @@ class Resources:
                 description=self.description,
             )
         )
-        self._stack.append(record)
+        with self._lock:
+            self._stack.append(record)
         return record
 
     def track_process(self, pid: int) -> Callable[[], None]:
-        """Record a running process for the duration of a command (an ``on_spawn`` hook)."""
-        record = self.ledger.add(
-            ResourceRecord(
-                kind="process",
-                identifier=str(pid),
-                engine=self.engine,
-                env_id=self.env_id,
-                owner=self.owner,
-                data={"started": _started(pid), "group": True},
-                description=self.description,
-            )
-        )
-        return lambda: self.ledger.remove(record)
+        """Record a running command's process group for as long as it runs (an ``on_spawn``
+        hook): a teardown while it still runs (a command of another thread) kills it too."""
+        record = self.add("process", str(pid), started=_started(pid), group=True)
+
+        def forget() -> None:
+            with self._lock:
+                if record in self._stack:
+                    self._stack.remove(record)
+            self.ledger.remove(record)
+
+        return forget
+
+    def transfer(self, record: ResourceRecord, to: Resources) -> ResourceRecord:
+        """Hand one resource to another stack (a pooled container to its environment):
+        recorded there before it is forgotten here, so the ledger never loses it."""
+        moved = to.add(record.kind, record.identifier, **record.data)
+        with self._lock:
+            self._stack.remove(record)
+        self.ledger.remove(record)
+        return moved
 
     def release_all(self) -> list[BaseException]:
         """Release every resource, newest first; returns the failures instead of stopping."""
         errors: list[BaseException] = []
-        while self._stack:
-            record = self._stack.pop()
+        while True:
+            with self._lock:
+                if not self._stack:
+                    break
+                record = self._stack.pop()
             try:
                 self._release(record)
             except Exception as exc:
@@ -161,6 +184,9 @@ def _started(pid: int) -> float:
 def release_directory(record: ResourceRecord) -> None:
     """Remove a directory tree, making read-only parts writable first."""
     path = Path(record.identifier)
+    if not path.is_absolute() or path == Path(path.anchor) or len(path.parts) < 3:
+        # a record is data from a file: never let a damaged one name "." or "/"
+        raise IsolationError(f"refusing to remove {record.identifier!r}: not an environment's path")
 
     def make_writable(function: Callable[..., object], name: str, exc: object) -> None:
         with contextlib.suppress(OSError):
@@ -236,6 +262,21 @@ class Engine(ABC):
                 f"engine {self.name!r} cannot release resources of kind {record.kind!r}"
             ) from None
         releaser(record)
+
+    def sweep_labelled(
+        self, *, recorded: set[str], select: Callable[[Mapping[str, str]], bool]
+    ) -> list[str]:
+        """Remove objects this engine labelled (containers, namespaces) that no ledger record
+        lists and whose owner ``select`` accepts; return their names.
+
+        ``select`` gets the owner labels as ``session``, ``pid``, ``started`` and ``host``.
+        Engines without labelled objects have nothing to do.
+        """
+        return []
+
+    @classmethod
+    def validate_spec(cls, spec: EnvSpec) -> None:
+        """Raise :class:`InvalidSpec` for option combinations this engine cannot honour."""
 
     def prune_cache(self, older_than: float | None) -> list[str]:
         """Remove cached data unused for ``older_than`` seconds (all if None); returns what went."""
@@ -333,6 +374,38 @@ class IsolatedEnvironment(ABC):
     def usage(self) -> Usage:
         """Set-up time and what the environment's commands used so far."""
         return self._usage
+
+    def forking(self) -> contextlib.AbstractContextManager[None]:
+        """Inside mode, in the parent: what must happen around the fork of the test."""
+        return contextlib.nullcontext()
+
+    def enter(self) -> None:
+        """Move the calling process, freshly forked, into the environment (inside mode).
+
+        Returns in a process inside; processes it leaves behind on the way
+        never return.  Engines that cannot host Python code do not offer it.
+        """
+        raise OperationNotSupported(self.engine, "enter", "inside=True needs the sandbox engine")
+
+    def explain_exit(self, status: int | None, timed_out: bool, error: str) -> str:
+        """Why a process that entered the environment ended without reporting."""
+        limit = self.spec.limits.timeout
+        if timed_out:
+            return f"the test timed out after {limit:g}s and was killed with everything it started"
+        if error:
+            return f"the test could not run inside the environment:\n{error}"
+        if status is not None and status > 128:
+            number = status - 128
+            try:
+                name = signal.Signals(number).name
+            except ValueError:
+                name = f"signal {number}"
+            return f"the test process crashed: killed by {name} ({number})"
+        return f"the test process exited with status {status} before reporting"
+
+    def report_sections(self) -> list[tuple[str, str]]:
+        """Extra (title, text) sections for the report of a failing test (logs, history)."""
+        return []
 
     def validate(self) -> list[str]:
         """Problems that make the environment unusable; empty when it is healthy."""

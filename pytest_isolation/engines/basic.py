@@ -14,8 +14,10 @@ those the test passes — so secrets and settings of the host do not leak in.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import cast
@@ -63,12 +65,8 @@ class LocalEnvironment(IsolatedEnvironment):
         self.environ = self._base_environ()
 
     def _base_environ(self) -> dict[str, str]:
-        patterns = DEFAULT_INHERIT + cast("tuple[str, ...]", self.spec.options["inherit_env"])
-        environ = {
-            name: value
-            for name, value in os.environ.items()
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-        }
+        inherited = _matcher(cast("tuple[str, ...]", self.spec.options["inherit_env"]))
+        environ = {name: value for name, value in os.environ.items() if inherited(name)}
         tmp = str(self.tmp)
         environ.update(HOME=str(self.home), TMPDIR=tmp, TMP=tmp, TEMP=tmp)
         environ.update(self.spec.env)
@@ -92,6 +90,13 @@ class LocalEnvironment(IsolatedEnvironment):
             timeout=timeout,
             on_spawn=self.resources.track_process,
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _matcher(extra: tuple[str, ...]) -> Callable[[str], object]:
+    """One compiled test for the allow-list plus ``extra`` names or glob patterns."""
+    patterns = DEFAULT_INHERIT + extra
+    return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns)).match
 
 
 def make_root(engine: Engine, env_id: str, resources: Resources) -> Path:

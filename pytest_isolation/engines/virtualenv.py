@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ from .base import Availability, Engine, EngineContext, Resources
 from .basic import LOCAL_OPTIONS, LocalEnvironment, make_root
 
 TEMPLATE_FORMAT = 2
+_INSTALLER_ENV = ("UV_", "PIP_", "VIRTUALENV_")
 _META = ".pytest-isolation-template.json"
 _BIN = "Scripts" if os.name == "nt" else "bin"
 
@@ -181,6 +183,7 @@ class Installer:
         return [*command, *packages]
 
 
+@functools.cache
 def find_uv() -> str | None:
     """The uv binary: the one the ``uv`` package ships, else one on PATH."""
     try:
@@ -449,6 +452,12 @@ class VirtualenvEngine(Engine):
             "index_url": options.index_url,
             "offline": options.offline,
             "seed": options.seed,
+            # the installers read these too (an index, find-links, bytecode compilation)
+            "installer_settings": sorted(
+                (name, value)
+                for name, value in os.environ.items()
+                if name.startswith(_INSTALLER_ENV) and not name.endswith("_CACHE_DIR")
+            ),
         }
 
     def create(self, spec: EnvSpec, env_id: str, resources: Resources) -> VirtualenvEnvironment:
