@@ -17,6 +17,26 @@ import pytest
 
 from pytest_isolation.ledger import Ledger
 
+#: Engines CI requires (PYTEST_ISOLATION_REQUIRE), read before the fixtures below hide the
+#: variable from the runs that tests start.
+REQUIRED = {name.strip() for name in os.environ.get("PYTEST_ISOLATION_REQUIRE", "").split(",")}
+#: The image the docker tests start; CI builds it offline (see .ci/run).
+TEST_IMAGE = os.environ.get("PYTEST_ISOLATION_TEST_IMAGE", "piso-test-python:bookworm")
+
+
+def need_engine(name: str) -> None:
+    """Skip (locally) or fail (where CI requires ``name``) when the engine cannot run here."""
+    from pytest_isolation import IsolationManager
+
+    with IsolationManager(load_entry_points=False) as manager:
+        availability = manager.availability(name)
+    if availability:
+        return
+    message = f"engine {name!r} unavailable: {availability.reason}; {availability.fix}"
+    if name in REQUIRED or "all" in REQUIRED:
+        pytest.fail(f"{message} (required by PYTEST_ISOLATION_REQUIRE)", pytrace=False)
+    pytest.skip(message)
+
 
 def build_wheel(
     directory: Path,

@@ -265,10 +265,13 @@ def test_it(isolated_env):
 
 
 def test_sigkill_leaves_a_leftover_that_cleanup_removes_with_its_command(
-    pytester: pytest.Pytester, isolation_state: Ledger
+    pytester: pytest.Pytester, isolation_state: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After SIGKILL the env and its running command are leftovers; `list` shows them,
     `cleanup --dry-run` only names them, `cleanup` kills the command's group and removes all."""
+    # The watchdog reaps a killed run at once (test_watchdog.py); here it is killed too,
+    # as by the OOM killer taking both: what is left waits for cleanup and the next run.
+    monkeypatch.setenv("PYTEST_ISOLATION_WATCHDOG", "0")
     pytester.makepyfile(
         REMEMBER
         + """
@@ -331,10 +334,13 @@ def test_it(isolated_env):
 
 
 def test_cleanup_kills_what_a_command_left_in_its_group_after_the_command_ended(
-    pytester: pytest.Pytester, isolation_state: Ledger
+    pytester: pytest.Pytester, isolation_state: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A killed run's command started a background process and then ended on its own: cleanup
     must still kill the background process, which lives on in the command's process group."""
+    # The watchdog reaps a killed run at once (test_watchdog.py); here it is killed too,
+    # as by the OOM killer taking both: what is left waits for cleanup and the next run.
+    monkeypatch.setenv("PYTEST_ISOLATION_WATCHDOG", "0")
     pytester.makepyfile(
         REMEMBER
         + """
@@ -379,9 +385,12 @@ def test_it(isolated_env):
 
 
 def test_next_run_sweeps_the_leftover_of_a_killed_run(
-    pytester: pytest.Pytester, isolation_state: Ledger
+    pytester: pytest.Pytester, isolation_state: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A new run releases the environment a SIGKILLed run left, at session start."""
+    # The watchdog reaps a killed run at once (test_watchdog.py); here it is killed too,
+    # as by the OOM killer taking both: what is left waits for cleanup and the next run.
+    monkeypatch.setenv("PYTEST_ISOLATION_WATCHDOG", "0")
     killed = pytester.makepyfile(
         REMEMBER
         + """

@@ -401,6 +401,23 @@ def test_a_new_wheel_in_find_links_builds_a_new_template(
         assert len(templates_for(links, ["tinypkg"])) == 2
 
 
+def test_installer_settings_of_the_host_shape_the_template(
+    wheelhouse: Wheelhouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UV_*/PIP_* variables change what the installers make, so they are part of the key;
+    bytecode compiled into a template stays valid in its clones."""
+    links = private_wheels(wheelhouse, tmp_path)
+    with IsolationManager() as manager:
+        plain = manager.create("virtualenv", packages=["tinypkg==1.0"], **local(links))
+        monkeypatch.setenv("UV_COMPILE_BYTECODE", "1")
+        compiled = manager.create("virtualenv", packages=["tinypkg==1.0"], **local(links))
+        again = manager.create("virtualenv", packages=["tinypkg==1.0"], **local(links))
+        assert len(templates_for(links, ["tinypkg==1.0"])) == 2
+        assert version_in(plain) == version_in(compiled) == version_in(again) == "1.0"
+        site = venv_of(again).venv / "lib"
+        assert list(site.glob("python3*/site-packages/tinypkg/__pycache__/*.pyc"))
+
+
 def test_template_false_builds_the_environment_directly(
     wheelhouse: Wheelhouse, tmp_path: Path
 ) -> None:

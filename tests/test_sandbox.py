@@ -1,0 +1,1155 @@
+"""The sandbox engine on a real kernel: namespaces, cgroup limits, the test body inside, rootless.
+
+Nothing here is mocked.  Commands run through ``IsolationManager`` in real
+namespaces under real cgroups, and their effects are checked from the host:
+its ``/tmp``, its processes, its loopback listeners, its cgroup tree.  A
+missing kernel feature fails the test with the engine's own explanation,
+never skips it: the machines this suite runs on have them.
+
+cgroup limits need the pids and cpu controllers delegated to this process (see
+``.ci/run``); the memory controller is delegated by the machine.  The
+rootless tests run pytest as uid 65534 with Debian's ``/usr/bin/python3`` and
+a world-readable copy of the packages, since the development interpreter lives
+under ``/root``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.metadata
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import psutil
+import pytest
+
+from pytest_isolation import (
+    CommandTimeout,
+    ExecResult,
+    IsolationManager,
+    Ledger,
+    ResourceLimitExceeded,
+)
+from pytest_isolation.engines.sandbox import SandboxEnvironment
+
+if TYPE_CHECKING:
+    from pytest_isolation.linux.cgroups import Controller
+
+T = TypeVar("T")
+
+#: Seconds to wait for something a child process does (start-up included).
+PATIENCE = 30.0
+#: Processes a sandboxed command may see in its /proc: init, a shell, what the shell runs.
+HANDFUL = 5
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def manager() -> Iterator[IsolationManager]:
+    """A manager with this test's private ledger and temp directory (set by the conftest)."""
+    with IsolationManager() as made:
+        yield made
+
+
+def sandbox(manager: IsolationManager, **options: object) -> SandboxEnvironment:
+    """A sandbox environment; an unavailable engine or controller fails with the reason."""
+    env = manager.create(manager.spec("sandbox", **options))
+    assert isinstance(env, SandboxEnvironment), env
+    return env
+
+
+def sh(env: SandboxEnvironment, script: str, cwd: str | None = None) -> ExecResult:
+    return env.run(script, shell=True, timeout=PATIENCE, cwd=cwd)
+
+
+def python(env: SandboxEnvironment, code: str, timeout: float = PATIENCE) -> ExecResult:
+    return env.run([sys.executable, "-c", textwrap.dedent(code)], timeout=timeout)
+
+
+def wait_for(check: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def gone(process: psutil.Process) -> bool:
+    """Whether ``process`` has ended (a zombie waiting for its reaper counts as ended)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def unique_sleep() -> str:
+    """A ``sleep`` duration no other process on the host has on its command line."""
+    return f"60.{secrets.randbelow(10**9):09d}"
+
+
+def sleepers(duration: str) -> list[psutil.Process]:
+    """Live host processes running ``sleep duration``."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if process.info["cmdline"] == ["sleep", duration] and not gone(process):
+            found.append(process)
+    return found
+
+
+def cgroups_named(name: str) -> list[str]:
+    """Every cgroup directory called ``name``, in any hierarchy."""
+    return glob.glob(f"/sys/fs/cgroup/*/**/{name}", recursive=True)
+
+
+def pids_of(directory: Path) -> list[int]:
+    return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
+
+
+def numeric(listing: str) -> list[int]:
+    return [int(entry) for entry in listing.split() if entry.isdigit()]
+
+
+def namespace(kind: str) -> str:
+    return os.readlink(f"/proc/self/ns/{kind}")
+
+
+def kernel_value(env: SandboxEnvironment, controller: Controller, v1: str, v2: str) -> str:
+    """A file of the environment's cgroup for ``controller``, by its cgroup v1 or v2 name."""
+    version = env.cgroups.layout.hierarchies[controller].version
+    return (env.cgroups.paths[controller] / (v1 if version == 1 else v2)).read_text().strip()
+
+
+@dataclass
+class Listener:
+    """A TCP listener on the host's 127.0.0.1."""
+
+    sock: socket.socket
+
+    @property
+    def port(self) -> int:
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    def accepted(self, timeout: float) -> bytes | None:
+        """What the first client sent, or None if no client came within ``timeout``."""
+        self.sock.settimeout(timeout)
+        try:
+            client, _ = self.sock.accept()
+        except TimeoutError:
+            return None
+        with client:
+            client.settimeout(PATIENCE)
+            return client.recv(100)
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield Listener(sock)
+
+
+CONNECT = """
+import socket, sys
+try:
+    with socket.create_connection(("127.0.0.1", {port}), timeout=5) as conn:
+        conn.sendall(b"{token}")
+except OSError as exc:
+    print(type(exc).__name__)
+    sys.exit(1)
+print("connected")
+"""
+
+
+# --- A. what a command sees -------------------------------------------------------------------
+
+
+def test_a_command_gets_new_ipc_mnt_net_pid_and_uts_namespaces(manager: IsolationManager) -> None:
+    """As root, a command gets new ipc, mnt, net, pid and uts namespaces, and no user one."""
+    env = sandbox(manager)
+    kinds = ["ipc", "mnt", "net", "pid", "uts", "user"]
+    inside = sh(env, " ; ".join(f"readlink /proc/self/ns/{kind}" for kind in kinds)).check()
+    seen = dict(zip(kinds, inside.stdout.split(), strict=True))
+    for kind in ["ipc", "mnt", "net", "pid", "uts"]:
+        assert seen[kind] != namespace(kind), f"the {kind} namespace is the host's"
+    # root needs no user namespace; a new one would map uids needlessly
+    assert seen["user"] == namespace("user")
+
+
+def test_pid_namespace_hides_host_processes(manager: IsolationManager) -> None:
+    """/proc shows a few small pids; a host process can be neither seen nor killed from inside."""
+    env = sandbox(manager)
+    host = subprocess.Popen(["sleep", "60"])
+    try:
+        listing = numeric(sh(env, "ls /proc").check().stdout)
+        assert 0 < len(listing) <= HANDFUL, listing
+        assert max(listing) <= HANDFUL, listing
+        assert len(numeric(" ".join(os.listdir("/proc")))) > HANDFUL  # the host has more
+        own = int(sh(env, "echo $$").check().stdout)
+        assert own <= HANDFUL
+        probe = sh(env, f"test -e /proc/{host.pid} && echo visible; kill -KILL {host.pid}")
+        assert "visible" not in probe.stdout
+        assert probe.returncode != 0
+        assert "No such process" in probe.stderr, probe.stderr
+        time.sleep(0.1)  # a signal, had it been delivered, would have landed by now
+        assert host.poll() is None, "the sandbox killed a host process"
+    finally:
+        host.kill()
+        host.wait()
+
+
+def test_network_namespace_has_only_loopback_and_it_is_up(manager: IsolationManager) -> None:
+    """By default the only interface is lo, up and working, and there is no route."""
+    env = sandbox(manager)
+    devices = sh(env, "cat /proc/net/dev").check().stdout.splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in devices] == ["lo"]
+    routes = sh(env, "cat /proc/net/route").check().stdout.splitlines()
+    assert routes[1:] == [], routes  # the header alone
+    report = python(
+        env,
+        """
+        import fcntl, json, socket, struct
+        with socket.socket() as server, socket.socket() as client:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            client.connect(server.getsockname())
+            request = struct.pack("16sH", b"lo", 0)
+            flags = struct.unpack("16sH", fcntl.ioctl(client, 0x8913, request))[1]
+        print(json.dumps({"names": [n for _, n in socket.if_nameindex()], "up": flags & 1}))
+        """,
+    ).check()
+    seen = json.loads(report.stdout)
+    assert seen == {"names": ["lo"], "up": 1}
+    if shutil.which("ip"):
+        links = sh(env, "ip -o link show").check().stdout.splitlines()
+        assert len(links) == 1 and ": lo: <" in links[0] and ",UP" in links[0], links
+
+
+def test_sysfs_shows_only_the_sandbox_network_devices(manager: IsolationManager) -> None:
+    """/sys/class/net lists the sandbox's own interfaces, not the host's devices."""
+    env = sandbox(manager)
+    listed = sh(env, "cat /proc/net/dev; echo ---; ls /sys/class/net").check().stdout
+    devices, names = listed.split("---\n")
+    own = sorted(line.split(":")[0].strip() for line in devices.splitlines()[2:])
+    shown = names.split()
+    assert shown == own, f"/sys/class/net inside lists {shown}, the namespace has only {own}"
+
+
+def test_host_loopback_is_out_of_reach_unless_network_is_true(
+    manager: IsolationManager, listener: Listener
+) -> None:
+    """The host's 127.0.0.1 is out of reach by default, and reachable with network=True."""
+    cut_off = sandbox(manager)
+    token = secrets.token_hex(8)
+    code = CONNECT.format(port=listener.port, token=token)
+    refused = python(cut_off, code)
+    assert refused.returncode == 1 and "ConnectionRefusedError" in refused.stdout, refused
+    assert listener.accepted(timeout=0.2) is None
+    connected = sandbox(manager, network=True)
+    assert python(connected, code).check().stdout.strip() == "connected"
+    assert listener.accepted(timeout=PATIENCE) == token.encode()
+    net = sh(connected, "readlink /proc/self/ns/net").check().stdout.strip()
+    assert net == namespace("net")
+
+
+def test_hostname_is_sandbox_or_the_hostname_option(manager: IsolationManager) -> None:
+    """The host name is "sandbox" or the ``hostname`` option; the host keeps its own."""
+    before = socket.gethostname()
+    assert sh(sandbox(manager), "uname -n").check().stdout.strip() == "sandbox"
+    named = sandbox(manager, hostname="box-7")
+    assert sh(named, "uname -n; cat /proc/sys/kernel/hostname").check().stdout.split() == [
+        "box-7",
+        "box-7",
+    ]
+    assert socket.gethostname() == before
+
+
+def test_root_filesystem_is_read_only_by_default(manager: IsolationManager) -> None:
+    """/etc, /usr and the host-writable /var/tmp are read-only unless readonly_root=False."""
+    name = f"piso-{secrets.token_hex(6)}"
+    targets = [Path(directory) / name for directory in ("/etc", "/usr", "/var/tmp")]
+    try:  # should the protection fail, the host keeps nothing of it
+        env = sandbox(manager)
+        for target in targets:
+            result = sh(env, f"echo x > {target}")
+            assert result.returncode != 0
+            assert "Read-only file system" in result.stderr, result.stderr
+            assert not target.exists()
+        sh(sandbox(manager, readonly_root=False), f"echo x > {targets[-1]}").check()
+        assert targets[-1].read_text() == "x\n"
+    finally:
+        for target in targets:
+            target.unlink(missing_ok=True)
+
+
+def test_tmp_is_private_and_goes_with_the_environment(manager: IsolationManager) -> None:
+    """/tmp is the environment's own, apart from the host's, and goes at teardown."""
+    name = f"piso-{secrets.token_hex(6)}"
+    host_file = Path("/tmp") / f"{name}-host"
+    host_file.write_text("host")
+    try:
+        env = sandbox(manager)
+        result = sh(env, f"echo inside > /tmp/{name}; test -e {host_file} && echo visible")
+        assert "visible" not in result.stdout
+        assert not (Path("/tmp") / name).exists()
+        assert (env.tmp / name).read_text() == "inside\n"
+        manager.destroy(env)
+        assert not env.root.exists()
+    finally:
+        host_file.unlink()
+        (Path("/tmp") / name).unlink(missing_ok=True)  # had the protection failed
+
+
+def test_workspace_is_the_working_directory_and_shared_with_the_host(
+    manager: IsolationManager,
+) -> None:
+    """Commands start in the workspace, at its host path, and share its files with the host."""
+    env = sandbox(manager)
+    assert env.path is not None
+    env.write_file("sub/from-host.txt", "from the host")
+    result = sh(env, "pwd; cat sub/from-host.txt; echo made > made.txt").check()
+    assert result.stdout.splitlines() == [str(env.path), "from the host"]
+    assert (env.path / "made.txt").read_text() == "made\n"
+    assert sh(env, "pwd", cwd="sub").check().stdout.strip() == str(env.path / "sub")
+
+
+def test_home_and_tmpdir_inside(manager: IsolationManager) -> None:
+    """HOME is the environment's home at its host path, writable; TMPDIR is /tmp."""
+    env = sandbox(manager)
+    result = sh(env, 'echo "$HOME"; echo "$TMPDIR"; echo rc > "$HOME/.rc"').check()
+    assert result.stdout.splitlines() == [str(env.home), "/tmp"]
+    assert (env.home / ".rc").read_text() == "rc\n"
+    assert python(env, "import tempfile; print(tempfile.gettempdir())").check().stdout == "/tmp\n"
+
+
+def test_mounts_option_binds_read_only_and_read_write(
+    manager: IsolationManager, tmp_path: Path
+) -> None:
+    """``mounts`` binds read-only by default, read-write on request, also under /tmp."""
+    ro, rw, mapped = (tmp_path / name for name in ("ro", "rw", "mapped"))
+    for directory in (ro, rw, mapped):
+        directory.mkdir()
+    (ro / "data.txt").write_text("data")
+    env = sandbox(
+        manager,
+        mounts=[
+            f"{ro}:/srv",
+            f"{ro}:/tmp/ro-data",
+            f"{rw}:/tmp/rw-data:rw",
+            {"source": str(mapped), "target": "/tmp/mapped", "readonly": False},
+        ],
+    )
+    assert sh(env, "cat /srv/data.txt /tmp/ro-data/data.txt").check().stdout == "datadata"
+    for target in ("/srv", "/tmp/ro-data"):
+        refused = sh(env, f"echo x > {target}/new.txt")
+        assert "Read-only file system" in refused.stderr, (target, refused)
+    sh(env, "echo w > /tmp/rw-data/w.txt; echo m > /tmp/mapped/m.txt").check()
+    assert (rw / "w.txt").read_text() == "w\n"
+    assert (mapped / "m.txt").read_text() == "m\n"
+    assert sorted(os.listdir(ro)) == ["data.txt"]
+
+
+def test_ipc_namespace_hides_host_sysv_segments(manager: IsolationManager) -> None:
+    """A SysV shared memory segment of the host is not listed inside."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    ipc_private, ipc_creat, ipc_rmid = 0, 0o1000, 0
+    shmid = libc.shmget(ipc_private, 4096, ipc_creat | 0o600)
+    assert shmid >= 0, os.strerror(ctypes.get_errno())
+    try:
+
+        def ids(table: str) -> list[int]:
+            return [int(line.split()[1]) for line in table.splitlines()[1:] if line.strip()]
+
+        assert shmid in ids(Path("/proc/sysvipc/shm").read_text())
+        inside = ids(sh(sandbox(manager), "cat /proc/sysvipc/shm").check().stdout)
+        assert inside == []
+    finally:
+        libc.shmctl(shmid, ipc_rmid, None)
+
+
+SHARED_MEMORY = """
+import multiprocessing, os
+from multiprocessing import shared_memory
+
+lock = multiprocessing.Lock()  # a POSIX semaphore, made in /dev/shm
+with lock:
+    block = shared_memory.SharedMemory(name="{name}", create=True, size=4096)
+    seen = sorted(os.listdir("/dev/shm"))
+    block.close()
+    block.unlink()
+print(" ".join(seen))
+"""
+
+
+def test_dev_shm_is_private_and_writable(manager: IsolationManager) -> None:
+    """POSIX semaphores and shared memory work inside, in a /dev/shm apart from the host's."""
+    name = f"piso-{secrets.token_hex(6)}"
+    host_segment = Path("/dev/shm") / f"{name}-host"
+    host_segment.write_text("host")
+    try:
+        result = python(sandbox(manager), SHARED_MEMORY.format(name=name))
+        assert result.returncode == 0, result.stderr
+        seen = result.stdout.split()
+        assert name in seen and host_segment.name not in seen, seen
+        assert not (Path("/dev/shm") / name).exists()
+    finally:
+        host_segment.unlink()
+
+
+# --- B. limits --------------------------------------------------------------------------------
+
+
+MEMORY_BOMB = """
+import sys
+blocks, size = [], 1 << 20
+for _ in range(512):  # 512M at most, should the limit be gone
+    blocks.append(b"x" * size)
+print("survived")
+"""
+
+
+def test_memory_limit_stops_a_memory_bomb(manager: IsolationManager) -> None:
+    """A memory bomb is OOM-killed: ResourceLimitExceeded("memory") with the measured peak."""
+    env = sandbox(manager, limits={"memory": "64M"})
+    limit = 64 * 1024 * 1024
+    assert kernel_value(env, "memory", "memory.limit_in_bytes", "memory.max") == str(limit)
+    python(env, "b = b'x' * (16 << 20)").check()
+    with pytest.raises(ResourceLimitExceeded) as caught:
+        python(env, MEMORY_BOMB)
+    assert caught.value.limit == "memory"
+    measured = caught.value.measured
+    assert isinstance(measured, int) and limit // 2 < measured <= limit, measured
+    assert "out-of-memory killer" in str(caught.value) and "64.0M" in str(caught.value)
+    python(env, "print('still usable')").check()
+
+
+FORK_BOMB = """
+import os, time
+made = 0
+try:
+    for _ in range(200):  # bounded, should the limit be gone
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        made += 1
+finally:
+    with open("forked.txt", "w") as out:
+        out.write(str(made))
+"""
+
+
+def test_pids_limit_contains_a_fork_bomb(manager: IsolationManager) -> None:
+    """A fork bomb stays under limits.pids: ResourceLimitExceeded("pids"), nothing left."""
+    env = sandbox(manager, limits={"pids": 32})
+    assert env.path is not None
+    pids_dir = env.cgroups.paths["pids"]
+    assert (pids_dir / "pids.max").read_text().strip() == "32"
+    with pytest.raises(ResourceLimitExceeded) as caught:
+        python(env, FORK_BOMB)
+    assert caught.value.limit == "pids"
+    assert isinstance(caught.value.measured, int) and caught.value.measured >= 1
+    made = int((env.path / "forked.txt").read_text())
+    assert 0 < made < 32, made
+    wait_for(lambda: not pids_of(pids_dir), "the fork bomb's processes to be gone")
+    subprocess.run(["true"], check=True)
+
+
+CPU_BURN = """
+import json, os, resource, time
+start = time.monotonic()
+workers = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            pass
+        os._exit(0)
+    workers.append(pid)
+for pid in workers:
+    os.waitpid(pid, 0)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"cpu": usage.ru_utime + usage.ru_stime, "wall": time.monotonic() - start}))
+"""
+
+
+def test_cpus_limit_sets_the_quota_and_throttles_a_busy_loop(manager: IsolationManager) -> None:
+    """limits.cpus=0.5 sets a 50/100ms CFS quota that holds busy loops to half a CPU."""
+    env = sandbox(manager, limits={"cpus": 0.5})
+    quota = kernel_value(env, "cpu", "cpu.cfs_quota_us", "cpu.max").split()[0]
+    period = kernel_value(env, "cpu", "cpu.cfs_period_us", "cpu.max").split()[-1]
+    assert (quota, period) == ("50000", "100000")
+    measured = json.loads(python(env, CPU_BURN).check().stdout)
+    ratio = measured["cpu"] / measured["wall"]
+    # Unthrottled, two busy processes on this 2-core machine get close to 2 CPUs; the low
+    # bound leaves room for other load on the machine.
+    assert 0.2 < ratio < 0.8, measured
+    throttling = kernel_value(env, "cpu", "cpu.stat", "cpu.stat").splitlines()
+    stat = dict(line.split() for line in throttling)
+    assert int(stat["nr_throttled"]) > 0, stat
+
+
+def test_timeout_kills_the_whole_tree(manager: IsolationManager) -> None:
+    """A timeout raises CommandTimeout and kills a grandchild that left the command's session."""
+    env = sandbox(manager)
+    duration = unique_sleep()
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            env.run(["sh", "-c", f"setsid sleep {duration} & echo started; sleep 60"], timeout=2)
+        except BaseException as exc:
+            raised.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        grandchild = wait_for(lambda: sleepers(duration), "the background grandchild")[0]
+    finally:
+        thread.join(PATIENCE)
+    assert time.monotonic() - started < 10
+    assert len(raised) == 1 and isinstance(raised[0], CommandTimeout), raised
+    assert "started" in raised[0].stdout
+    wait_for(lambda: gone(grandchild), f"the grandchild {grandchild.pid} to be killed", 5)
+    for directory in env.cgroups.directories():
+        assert pids_of(directory) == [], directory
+
+
+def test_teardown_kills_everything_in_the_cgroups_and_removes_them(
+    manager: IsolationManager,
+) -> None:
+    """Teardown kills whatever is in the environment's cgroups and removes them all."""
+    env = sandbox(manager, limits={"memory": "128M", "pids": 64, "cpus": 1})
+    name = env.root.name
+    assert sorted(env.cgroups.paths) == ["cpu", "memory", "pids"]
+    made = sorted(str(d) for d in env.cgroups.directories())
+    assert made and sorted(cgroups_named(name)) == made, made
+    duration = unique_sleep()
+    # the command returns at once; its background child may not outlive it
+    sh(env, f"setsid sleep {duration} > /dev/null 2>&1 &").check()
+    wait_for(lambda: not sleepers(duration), "the background child to be killed", 5)
+    # something that joined the environment's cgroups later is killed at teardown
+    straggler = subprocess.Popen(["sleep", "60"])
+    try:
+        for directory in env.cgroups.directories():
+            (directory / "cgroup.procs").write_text(str(straggler.pid))
+        manager.destroy(env)
+        assert straggler.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        straggler.kill()
+        straggler.wait()
+    assert cgroups_named(name) == []
+    assert not env.root.exists()
+    assert manager.ledger.records() == []
+
+
+UNAVAILABLE_LIMITS = """
+import pytest
+
+@pytest.mark.isolated("sandbox", limits={"pids": 16})
+def test_pids_limited(isolated_env):
+    isolated_env.run("true").check()
+
+@pytest.mark.isolated("sandbox", inside=True, limits={"pids": 16})
+def test_pids_limited_inside():
+    pass
+
+@pytest.mark.isolated("sandbox", limits={"memory": "256M"})
+def test_memory_limited(isolated_env):
+    isolated_env.run("true").check()
+
+@pytest.mark.isolated("sandbox")
+def test_unlimited(isolated_env):
+    isolated_env.run("true").check()
+"""
+
+#: Starts a command with its pids cgroup at the root of the hierarchy: nothing delegated.
+AT_PIDS_ROOT = 'echo $$ > /sys/fs/cgroup/pids/cgroup.procs && exec "$@"'
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_limit_without_its_controller_skips_or_fails_when_required(
+    pytester: pytest.Pytester, require: bool
+) -> None:
+    """A limit on an undelegated controller skips naming it, or fails with --isolation-require."""
+    pytester.makepyfile(UNAVAILABLE_LIMITS)
+    args = ["-rs", "-p", "no:cacheprovider"] + (["--isolation-require=sandbox"] if require else [])
+    result = pytester.run(
+        "sh", "-c", AT_PIDS_ROOT, "sh", sys.executable, "-m", "pytest", *args, timeout=PATIENCE
+    )
+    reason = (
+        "*isolation engine 'sandbox' is unavailable: the pids limit needs the pids cgroup "
+        "controller: this process's pids cgroup is the root of the hierarchy at "
+        "/sys/fs/cgroup/pids: nothing is delegated there*"
+    )
+    if require:
+        result.assert_outcomes(passed=2, errors=2)
+        result.stdout.fnmatch_lines([reason + "(required by --isolation-require*)*"])
+    else:
+        result.assert_outcomes(passed=2, skipped=2)
+        result.stdout.fnmatch_lines([reason])
+
+
+@pytest.mark.parametrize(
+    ("marker", "expected"),
+    [
+        ('limits={"swap": "1G"}', "*test_it*unknown limit 'swap'; allowed limits:*"),
+        ('limits={"disk": "1G"}', "*test_it*engine 'sandbox' cannot enforce disk=1073741824*"),
+        (
+            'mounts=["/no/such/source:/srv"]',
+            "*test_it*option 'mounts'*mount source /no/such/source does not exist*",
+        ),
+        (
+            'mounts=["/srv:relative/target"]',
+            "*test_it*option 'mounts'*mount target 'relative/target' must be an absolute path*",
+        ),
+        (
+            'mounts=["/srv:/no/such/target"]',
+            "*test_it*option 'mounts'*/no/such/target does not exist on this machine*",
+        ),
+        ('scope="module", inside=True', "*test_it*inside=True*scope must be 'function'*"),
+    ],
+    ids=["unknown-limit", "disk", "no-source", "relative-target", "no-target", "module-inside"],
+)
+def test_bad_sandbox_options_are_collection_errors(
+    pytester: pytest.Pytester, marker: str, expected: str
+) -> None:
+    """Options the sandbox cannot honour fail at collection, naming the option."""
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.isolated("sandbox", {marker})
+        def test_it(isolated_env):
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*ERROR collecting*", expected])
+
+
+# --- C. the test body inside ------------------------------------------------------------------
+
+
+#: Records, from the runner (on the host), every path an environment of the run made.
+RECORD_ENVIRONMENTS = """
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+def pytest_isolation_env_created(env):
+    with (HERE / "roots.txt").open("a") as roots:
+        roots.write(f"{env.root}\\n")
+    with (HERE / "cgroups.txt").open("a") as cgroups:
+        cgroups.write("".join(f"{path}\\n" for path in env.cgroups.directories()))
+"""
+
+
+def assert_nothing_left(pytester: pytest.Pytester, environments: int, cgroups: int = 0) -> None:
+    """The environments' folders and cgroups that the inner run recorded are all gone.
+
+    Environments have cgroups only for the limits they ask for (``cgroups`` of them in all):
+    without limits the PID namespace alone takes everything inside down with its init.
+    """
+    roots = (pytester.path / "roots.txt").read_text().split()
+    made = (pytester.path / "cgroups.txt").read_text().split()
+    assert len(roots) == environments, roots
+    assert len(made) == cgroups, made
+    assert [path for path in roots + made if os.path.exists(path)] == []
+
+
+OUTCOMES = """
+import pytest
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture broke")
+
+def test_pass():
+    print("captured on the way")
+
+def test_fail():
+    left, right = 3, 4
+    assert left == right
+
+def test_skip():
+    pytest.skip("not today")
+
+@pytest.mark.xfail(reason="known bug", strict=True)
+def test_xfail():
+    assert 1 == 2
+
+def test_error(broken):
+    pass
+"""
+
+
+def report_lines(result: pytest.RunResult) -> list[str]:
+    prefixes = (">", "E ", "PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS", "test_")
+    return [line for line in result.stdout.lines if line.startswith(prefixes)]
+
+
+def test_inside_reports_exactly_as_in_process(pytester: pytest.Pytester) -> None:
+    """Tests run inside report outcomes, messages and output exactly as in-process."""
+    pytester.makepyfile(test_outcomes=OUTCOMES)
+    pytester.makeconftest(RECORD_ENVIRONMENTS)
+    here = pytester.runpytest("-rA")
+    inside = pytester.runpytest("-rA", "--isolation=sandbox", "--isolation-inside")
+    for result in (here, inside):
+        result.assert_outcomes(passed=1, failed=1, skipped=1, xfailed=1, errors=1)
+    assert report_lines(inside) == report_lines(here)
+    inside.stdout.fnmatch_lines(["E       assert 3 == 4", "*captured on the way*"])
+    assert_nothing_left(pytester, environments=5)
+
+
+WHERE_AM_I = """
+import os, socket
+
+def test_pid_is_small():
+    assert os.getpid() < 10
+
+def test_hostname():
+    assert socket.gethostname() == "sandbox"
+
+def test_only_loopback():
+    with open("/proc/net/dev") as dev:
+        assert [line.split(":")[0].strip() for line in dev.readlines()[2:]] == ["lo"]
+
+def test_root_is_read_only():
+    try:
+        open("/var/tmp/piso-inside-probe", "w").close()
+    except OSError as exc:
+        assert exc.errno == 30  # EROFS
+    else:
+        os.remove("/var/tmp/piso-inside-probe")
+        raise AssertionError("/var/tmp is writable")
+"""
+
+
+def test_isolation_inside_runs_a_whole_file_inside(pytester: pytest.Pytester) -> None:
+    """--isolation=sandbox --isolation-inside runs unmarked tests inside a sandbox each."""
+    pytester.makepyfile(test_where=WHERE_AM_I)
+    pytester.makeconftest(RECORD_ENVIRONMENTS)
+    pytester.runpytest().assert_outcomes(failed=4)
+    inside = pytester.runpytest("--isolation=sandbox", "--isolation-inside")
+    inside.assert_outcomes(passed=4)
+    inside.stdout.fnmatch_lines(["*4 environment(s) (sandbox: 4)*"])
+    assert_nothing_left(pytester, environments=4)
+
+
+def test_isolation_inside_with_basic_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    """--isolation-inside with an engine that cannot host a test body stops the run."""
+    pytester.makepyfile("def test_it(): pass")
+    result = pytester.runpytest("--isolation-inside")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*--isolation-inside runs test bodies inside environments, which the 'basic' engine "
+            "cannot host; choose --isolation=sandbox*"
+        ]
+    )
+
+
+def test_inside_marker_pid_tmp_path_and_captured_output(pytester: pytest.Pytester) -> None:
+    """A marked test runs as a small pid, can use tmp_path, and its output shows with -rP."""
+    pytester.makepyfile(
+        """
+        import os
+        import pytest
+
+        @pytest.mark.isolated("sandbox", inside=True)
+        def test_inside(tmp_path):
+            (tmp_path / "note.txt").write_text("noted")
+            assert (tmp_path / "note.txt").read_text() == "noted"
+            print(f"INSIDE-PID={os.getpid()}")
+            assert os.getpid() < 10
+
+        def test_host():
+            assert os.getpid() > 10
+        """
+    )
+    result = pytester.runpytest("-rP")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*Captured stdout call*", "INSIDE-PID=[0-9]"])
+
+
+def test_inside_segfault_fails_and_the_run_goes_on(pytester: pytest.Pytester) -> None:
+    """A test that segfaults inside fails naming SIGSEGV, and the next test runs."""
+    pytester.makepyfile(
+        """
+        import ctypes
+        import pytest
+
+        @pytest.mark.isolated("sandbox", inside=True)
+        def test_crash():
+            ctypes.string_at(0)
+
+        @pytest.mark.isolated("sandbox", inside=True)
+        def test_next():
+            pass
+        """
+    )
+    pytester.makeconftest(RECORD_ENVIRONMENTS)
+    result = pytester.runpytest("-p", "no:faulthandler")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        ["*test_crash*", "*the test process crashed: killed by SIGSEGV (11)*"]
+    )
+    assert_nothing_left(pytester, environments=2)
+
+
+def test_inside_out_of_memory_fails_naming_the_limit(pytester: pytest.Pytester) -> None:
+    """A test OOM-killed inside fails saying so, with the memory limit."""
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.isolated("sandbox", inside=True, limits={{"memory": "64M"}})
+        def test_bomb():
+            exec({MEMORY_BOMB!r})
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*the test process was killed by the out-of-memory killer: the memory limit of 64.0M "
+            "was reached (peak *M)*"
+        ]
+    )
+
+
+def test_inside_timeout_fails_and_kills_what_the_test_started(pytester: pytest.Pytester) -> None:
+    """A test past its timeout fails as timed out, and its background process dies."""
+    duration = unique_sleep()
+    pytester.makepyfile(
+        f"""
+        import subprocess, time
+        import pytest
+
+        @pytest.mark.isolated("sandbox", inside=True, limits={{"timeout": 1}})
+        def test_slow():
+            subprocess.run(["sh", "-c", "setsid sleep {duration} >/dev/null 2>&1 &"], check=True)
+            time.sleep(60)
+        """
+    )
+    started = time.monotonic()
+    result = pytester.runpytest()
+    assert time.monotonic() - started < 15
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*the test timed out after 1s and was killed with everything it started*"]
+    )
+    wait_for(lambda: not sleepers(duration), "the test's background process to be killed", 5)
+
+
+def test_inside_leaves_no_process_behind(pytester: pytest.Pytester) -> None:
+    """A background process left by a passing inside test does not outlive it."""
+    duration = unique_sleep()
+    pytester.makepyfile(
+        f"""
+        import subprocess
+        import pytest
+
+        @pytest.mark.isolated("sandbox", inside=True)
+        def test_daemon():
+            subprocess.run(["sh", "-c", "setsid sleep {duration} >/dev/null 2>&1 &"], check=True)
+        """
+    )
+    pytester.makeconftest(RECORD_ENVIRONMENTS)
+    pytester.runpytest().assert_outcomes(passed=1)
+    wait_for(lambda: not sleepers(duration), "the test's background process to be killed", 5)
+    assert_nothing_left(pytester, environments=1)
+
+
+def test_inside_results_reach_junitxml(pytester: pytest.Pytester) -> None:
+    """--junitxml records the outcomes and messages of tests run inside."""
+    pytester.makepyfile(
+        test_junit="""
+        import os
+        import pytest
+
+        pytestmark = pytest.mark.isolated("sandbox", inside=True)
+
+        def test_good():
+            assert os.getpid() < 10
+
+        def test_bad():
+            left, right = 3, 4
+            assert left == right
+        """
+    )
+    pytester.runpytest("--junitxml=report.xml").assert_outcomes(passed=1, failed=1)
+    suite = ET.parse(pytester.path / "report.xml").getroot().find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "1", "0")
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert cases["test_good"].find("failure") is None
+    failure = cases["test_bad"].find("failure")
+    assert failure is not None and "assert 3 == 4" in (failure.get("message") or ""), failure
+
+
+def test_inside_with_xdist(pytester: pytest.Pytester) -> None:
+    """Inside mode works in xdist workers, and leaves nothing behind."""
+    pytester.makepyfile(test_where=WHERE_AM_I)
+    pytester.makeconftest(RECORD_ENVIRONMENTS)
+    result = pytester.runpytest("-n", "2", "--isolation=sandbox", "--isolation-inside")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*4 environment(s) (sandbox: 4)*"])
+    assert_nothing_left(pytester, environments=4)
+
+
+# --- D. rootless ------------------------------------------------------------------------------
+
+
+NOBODY = 65534
+#: Modules the plugin and pytest import; with the distributions' metadata (entry points,
+#: versions), copied where an unprivileged user can read them.
+MODULES = (
+    "pytest_isolation",
+    "pluggy",
+    "psutil",
+    "filelock",
+    "yaml",
+    "_pytest",
+    "pytest",
+    "iniconfig",
+    "packaging",
+    "pygments",
+    "py",  # pytest's own shim module
+)
+DISTRIBUTIONS = (
+    "pytest-isolation",
+    "pluggy",
+    "psutil",
+    "filelock",
+    "PyYAML",
+    "pytest",
+    "iniconfig",
+    "packaging",
+    "Pygments",
+)
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@dataclass(frozen=True)
+class Rootless:
+    """A world-readable copy of the packages, run by uid/gid 65534 with the system Python."""
+
+    root: Path
+    site: Path
+
+    def run(self, name: str, test_code: str, *args: str) -> tuple[pytest.RunResult, Path]:
+        """Run ``test_code`` with pytest as nobody in a fresh folder; the result and folder."""
+        work = self.root / name
+        work.mkdir()
+        work.chmod(0o755)
+        for shared in ("state", "cache", "tmp", "home"):
+            (work / shared).mkdir()
+            (work / shared).chmod(0o777)  # nobody writes these
+        (work / "test_rootless.py").write_text(textwrap.dedent(test_code))
+        environ = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": str(work / "home"),
+            "PYTHONPATH": str(self.site),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTEST_ISOLATION_STATE_DIR": str(work / "state"),
+            "PYTEST_ISOLATION_CACHE_DIR": str(work / "cache"),
+            "TMPDIR": str(work / "tmp"),
+        }
+        privileges = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        # -S: the copied packages and the standard library only, none of Debian's own
+        pytest_args = ["-S", "-m", "pytest", "-p", "no:cacheprovider", *args]
+        command = ["setpriv", *privileges, "--", SYSTEM_PYTHON, *pytest_args]
+        started = time.monotonic()
+        done = subprocess.run(
+            command,
+            cwd=work,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE,
+            check=False,
+        )
+        result = pytest.RunResult(
+            done.returncode,
+            done.stdout.splitlines(),
+            done.stderr.splitlines(),
+            time.monotonic() - started,
+        )
+        return result, work
+
+
+def copy_packages(site: Path) -> None:
+    for module in MODULES:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin, f"{module} is not installed"
+        if spec.submodule_search_locations:
+            source = Path(next(iter(spec.submodule_search_locations)))
+            shutil.copytree(source, site / module, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(spec.origin, site)
+    for name in DISTRIBUTIONS:
+        files = importlib.metadata.distribution(name).files or []
+        metadata = next(f for f in files if f.name == "METADATA")
+        info = Path(str(importlib.metadata.distribution(name).locate_file(metadata))).parent
+        shutil.copytree(info, site / info.name)
+
+
+@pytest.fixture(scope="module")
+def rootless() -> Iterator[Rootless]:
+    """Debian's Python, the packages copied under a world-readable folder in /tmp."""
+    if not os.path.exists(SYSTEM_PYTHON) or not shutil.which("setpriv"):
+        pytest.fail(f"rootless tests need {SYSTEM_PYTHON} and setpriv (util-linux)")
+    version = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sys; print(*sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    if tuple(map(int, version)) != sys.version_info[:2]:
+        pytest.fail(
+            f"{SYSTEM_PYTHON} is Python {'.'.join(version)} but these tests run on "
+            f"{sys.version_info.major}.{sys.version_info.minor}: the copied C extensions "
+            "(psutil, yaml) would not load"
+        )
+    # not under pytest's basetemp (mode 0700, unreadable by nobody), and not named like an
+    # environment folder, which the leak checks would take for one
+    root = Path(tempfile.mkdtemp(prefix="piso-rootless-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        site = root / "site"
+        copy_packages(site)
+        for directory, _, files in os.walk(site):
+            os.chmod(directory, 0o755)
+            for file in files:
+                os.chmod(os.path.join(directory, file), 0o644)
+        yield Rootless(root, site)
+    finally:
+        shutil.rmtree(root)
+
+
+def assert_clean(work: Path) -> None:
+    """Nothing of the rootless run left: no ledger record, no environment folder, no process
+    working in its folder."""
+    assert Ledger(work / "state").records() == []
+    assert list((work / "tmp").glob("pytest-isolation-*")) == []
+    inside = []
+    for process in psutil.process_iter(["cwd"]):
+        if (process.info["cwd"] or "").startswith(str(work)) and not gone(process):
+            inside.append(process)
+    assert inside == []
+
+
+ROOTLESS_COMMANDS = f"""
+import os
+import pytest
+
+def test_really_unprivileged():
+    assert (os.getuid(), os.geteuid(), os.getgid()) == ({NOBODY}, {NOBODY}, {NOBODY})
+    assert os.getgroups() == []
+
+@pytest.mark.isolated("sandbox")
+def test_command_in_namespaces(isolated_env):
+    assert isolated_env.config.user_namespace
+    out = isolated_env.run("id -u; echo $$; ls /proc", shell=True).check().stdout.split()
+    uid, own, pids = out[0], int(out[1]), [int(e) for e in out[2:] if e.isdigit()]
+    assert uid == "0"  # nobody outside, root of its own user namespace inside
+    assert own <= {HANDFUL} and 0 < len(pids) <= {HANDFUL} and max(pids) <= {HANDFUL}, out
+    host_ns = os.readlink("/proc/self/ns/user")
+    inside_ns = isolated_env.run("readlink /proc/self/ns/user").check().stdout.strip()
+    assert inside_ns != host_ns
+
+@pytest.mark.isolated("sandbox")
+def test_only_loopback(isolated_env):
+    dev = isolated_env.run("cat /proc/net/dev").check().stdout.splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in dev] == ["lo"]
+    assert isolated_env.run("cat /proc/net/route").check().stdout.splitlines()[1:] == []
+
+@pytest.mark.isolated("sandbox")
+def test_read_only_root_writable_workspace(isolated_env):
+    probe = "/var/tmp/piso-rootless-probe"
+    try:
+        refused = isolated_env.run(["sh", "-c", f"echo x > {{probe}}"])
+        assert "Read-only file system" in refused.stderr, refused
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    isolated_env.run("sh -c 'echo made > made.txt'").check()
+    made = isolated_env.path / "made.txt"
+    assert made.read_text() == "made\\n" and made.stat().st_uid == {NOBODY}
+"""
+
+
+def test_rootless_commands_run_in_user_namespaces(rootless: Rootless) -> None:
+    """As uid 65534: own pids, loopback only, read-only root, a workspace of its own."""
+    result, work = rootless.run("commands", ROOTLESS_COMMANDS, "--isolation-require=sandbox")
+    assert result.ret == 0, "\n".join(result.outlines + result.errlines)
+    result.assert_outcomes(passed=4)
+    assert_clean(work)
+
+
+ROOTLESS_INSIDE = """
+import os
+import socket
+import pytest
+
+@pytest.mark.isolated("sandbox", inside=True)
+def test_inside_passes():
+    assert os.getpid() < 10 and socket.gethostname() == "sandbox"
+
+@pytest.mark.isolated("sandbox", inside=True)
+def test_inside_fails():
+    left, right = 3, 4
+    assert left == right
+
+@pytest.mark.isolated("sandbox", limits={"memory": "64M"})
+def test_memory_limited(isolated_env):
+    pass
+
+@pytest.mark.isolated("sandbox", limits={"pids": 16})
+def test_pids_limited(isolated_env):
+    pass
+"""
+
+
+def test_rootless_inside_mode_and_unavailable_limits(rootless: Rootless) -> None:
+    """As uid 65534: inside mode works; limits skip (cgroups not writable), never ignored."""
+    result, work = rootless.run("inside", ROOTLESS_INSIDE, "-rs")
+    result.assert_outcomes(passed=1, failed=1, skipped=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            "E       assert 3 == 4",
+            "*the memory limit needs the memory cgroup controller: /sys/fs/cgroup/memory/*"
+            f"is not writable by uid {NOBODY}*",
+            "*the pids limit needs the pids cgroup controller: *",
+        ]
+    )
+    assert_clean(work)
