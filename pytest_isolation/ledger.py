@@ -68,10 +68,18 @@ class Owner:
         return cls(session, pid, process_started(pid) or time.time(), socket.gethostname())
 
     def alive(self) -> bool:
-        """Whether the owner still runs; records of other hosts count as alive (never ours)."""
+        """Whether the owner still runs; records of other hosts count as alive (never ours).
+
+        A zombie does not run: a killed runner whose parent has not reaped it yet is gone.
+        """
         if self.host != socket.gethostname():
             return True
-        return same_process(self.pid, self.started)
+        if not same_process(self.pid, self.started):
+            return False
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
 
 
 @dataclass(frozen=True)

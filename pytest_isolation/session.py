@@ -288,6 +288,8 @@ class IsolationSession:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self._absorb(getattr(report, "isolation_events", ()))
+        if self._sweeping is not None and self._sweeping.poll() is not None:
+            self._sweeping = None  # reaped as soon as it is done, not left a zombie
 
     def _absorb(self, events: Iterable[dict[str, Any]]) -> None:
         for event in events:

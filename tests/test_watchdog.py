@@ -62,9 +62,10 @@ ENGINES = {
 def start_run(tmp_path: Path, engine: str, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     """A pytest run, in a session of its own, whose test blocks after making its env."""
     marker, run_command = ENGINES[engine]
-    state = tmp_path / f"made-{engine}-{time.monotonic_ns()}.json"
-    suite = tmp_path / f"suite_{engine}"
-    suite.mkdir(exist_ok=True)
+    run = f"{engine}-{time.monotonic_ns()}"
+    state = tmp_path / f"made-{run}.json"
+    suite = tmp_path / f"suite-{run}"  # one each: concurrent runs must not share a test file
+    suite.mkdir()
     (suite / "test_blocking.py").write_text(
         BLOCKING_TEST.format(marker=marker, run_command=run_command, state=str(state))
     )
