@@ -230,6 +230,13 @@ class SandboxEnvironment(LocalEnvironment):
         return problems
 
 
+def _interpreter_binds() -> list[Mount]:
+    """The running interpreter's environment (a virtualenv), read-only, where the private
+    /tmp would hide it: ``sys.executable`` keeps working inside."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix)}
+    return [Mount(p, p, readonly=True) for p in sorted(prefixes) if p.startswith("/tmp/")]
+
+
 def _outermost(mounts: list[Mount]) -> list[Mount]:
     """Drop binds that lie inside another bind of the list (one bind shows them all)."""
     keep: list[Mount] = []
@@ -341,7 +348,7 @@ class SandboxEngine(Engine):
             network=network,
             readonly_root=cast("bool", spec.options["readonly_root"]),
             user_namespace=os.geteuid() != 0,
-            mounts=cast("tuple[Mount, ...]", spec.options["mounts"]),
+            mounts=(*cast("tuple[Mount, ...]", spec.options["mounts"]), *_interpreter_binds()),
             cgroup_procs=cgroups.procs_files(),
             mounts_before=MountTable(),
         )
