@@ -186,7 +186,7 @@ class IsolationSession:
         failed = any(user.stash.get(FAILED_KEY, False) for user in users)
         keep = env.spec.keep == "all" or (env.spec.keep == "failed" and failed)
         try:
-            self.manager.destroy(env, keep=keep)
+            self.manager.destroy(env, keep=keep, keep_for=env.spec.keep_ttl)
         finally:
             if env.status is EnvStatus.KEPT:
                 where = getattr(env, "root", None) or env.path or env.id

@@ -270,6 +270,11 @@ COMMON_OPTIONS: Mapping[str, Option] = MappingProxyType(
         "keep": Option(
             "keep", "none, failed or all: keep environments for debugging", choice(*KEEP_POLICIES)
         ),
+        "keep_ttl": Option(
+            "keep_ttl",
+            "how long a kept environment survives before a sweep removes it (e.g. '2h')",
+            lambda v, _: parse_duration(v),
+        ),
         "limits": Option(
             "limits", "resource limits, e.g. {'memory': '256M', 'timeout': 30}", lambda v, _: v
         ),
@@ -427,6 +432,7 @@ class EnvSpec:
     limits: Limits = Limits()
     scope: Scope = "function"
     keep: KeepPolicy = "none"
+    keep_ttl: float | None = None
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
@@ -527,6 +533,7 @@ def resolve_spec(
 
     scope = cast("Scope", values.pop("scope", "function"))
     keep = cast("KeepPolicy", values.pop("keep", "none"))
+    keep_ttl = cast("float | None", values.pop("keep_ttl", None))
     env = cast("Mapping[str, str]", values.pop("env", MappingProxyType({})))
     for name, option in schema.options.items():
         if name not in values and option.default is not None:
@@ -537,6 +544,7 @@ def resolve_spec(
         limits=limits,
         scope=scope,
         keep=keep,
+        keep_ttl=keep_ttl,
         env=env,
         sources=MappingProxyType(sources),
     )

@@ -116,7 +116,7 @@ def test_unknown_engine_in_a_marker_is_a_collection_error(pytester: pytest.Pytes
         (
             '"basic", memory="1G"',
             "*test_it*does not accept option 'memory'; allowed options: "
-            "env, inherit_env, keep, limits, network, scope*",
+            "env, inherit_env, keep, keep_ttl, limits, network, scope*",
         ),
         ('"basic", limits={"memory": "12XB"}', "*test_it*limits.memory: '12XB' is not a size*"),
         ('"basic", limits={"pids": -1}', "*test_it*pids must be positive*"),

@@ -530,6 +530,30 @@ def test_it(isolated_env):
     assert not fresh.exists()
 
 
+def test_marker_keep_ttl_sets_how_long_one_environment_is_kept(
+    pytester: pytest.Pytester, isolation_state: Ledger
+) -> None:
+    """keep_ttl= in the marker beats --isolation-keep-ttl for that environment."""
+    pytester.makepyfile(
+        REMEMBER
+        + """
+import pytest
+
+@pytest.mark.isolated(keep="all", keep_ttl="90s")
+def test_it(isolated_env):
+    remember(isolated_env)
+"""
+    )
+    try:
+        before = time.time()
+        pytester.runpytest_subprocess("--isolation-keep-ttl=1d").assert_outcomes(passed=1)
+        (record,) = isolation_state.records()
+        assert record.kept_until is not None
+        assert before + 90 <= record.kept_until <= time.time() + 90
+    finally:
+        cli("cleanup")
+
+
 def test_an_env_kept_in_an_interrupted_run_is_listed_in_the_summary(
     pytester: pytest.Pytester, isolation_state: Ledger
 ) -> None:
