@@ -96,6 +96,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="image for the docker engine (the same as --isolation-option docker.image=IMAGE)",
     )
     group.addoption(
+        "--isolation-kube-context",
+        metavar="CONTEXT",
+        dest="isolation_kube_context",
+        default=None,
+        help="kubeconfig context for the kubernetes engine (the same as --isolation-option "
+        "kubernetes.context=CONTEXT)",
+    )
+    group.addoption(
         "--isolation-inside",
         dest="isolation_inside",
         action="store_const",
@@ -160,6 +168,8 @@ def _layers(config: pytest.Config) -> list[Layer]:
     cli = {name: config.getoption(dest) for name, (dest, _, _) in SETTINGS.items()}
     if image := config.getoption("isolation_docker_image"):
         cli["options"] = [*(cli["options"] or []), f"docker.image={image}"]
+    if context := config.getoption("isolation_kube_context"):
+        cli["options"] = [*(cli["options"] or []), f"kubernetes.context={context}"]
     environ: dict[str, object] = {
         name: os.environ.get(var) for name, (_, _, var) in SETTINGS.items()
     }

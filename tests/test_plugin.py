@@ -84,8 +84,8 @@ def test_unknown_engine_on_the_command_line_lists_engines(pytester: pytest.Pytes
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         [
-            "*unknown isolation engine 'dokcer'; available engines: basic, docker, sandbox, "
-            "virtualenv*--isolation*"
+            "*unknown isolation engine 'dokcer'; available engines: basic, docker, kubernetes, "
+            "sandbox, virtualenv*--isolation*"
         ]
     )
 
@@ -105,7 +105,8 @@ def test_unknown_engine_in_a_marker_is_a_collection_error(pytester: pytest.Pytes
     result.stdout.fnmatch_lines(
         [
             "*test_unknown_engine_in_a_marker_is_a_collection_error.py::test_it: unknown isolation "
-            "engine 'dokcer'; available engines: basic, docker, sandbox, virtualenv*"
+            "engine 'dokcer'; available engines: basic, docker, kubernetes, sandbox, "
+            "virtualenv*"
         ]
     )
 

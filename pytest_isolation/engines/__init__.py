@@ -8,6 +8,7 @@ import pluggy
 
 from .basic import BasicEngine
 from .docker import DockerEngine
+from .kubernetes import KubernetesEngine
 from .sandbox import SandboxEngine
 from .virtualenv import VirtualenvEngine
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 hookimpl = pluggy.HookimplMarker("pytest")
 
-BUILTIN_ENGINES = (BasicEngine, VirtualenvEngine, SandboxEngine, DockerEngine)
+BUILTIN_ENGINES = (BasicEngine, VirtualenvEngine, SandboxEngine, DockerEngine, KubernetesEngine)
 
 
 @hookimpl(tryfirst=True)
