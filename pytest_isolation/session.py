@@ -87,6 +87,7 @@ class IsolationSession:
                 where="settings",
                 base_dir=self.config.rootpath,
                 settings=self.settings,
+                complete=False,
             )
 
     def spec_for(self, item: pytest.Item) -> EnvSpec:

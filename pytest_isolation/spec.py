@@ -472,8 +472,12 @@ def resolve_spec(
     where: str,
     base_dir: Path,
     settings: Settings | None = None,
+    complete: bool = True,
 ) -> EnvSpec:
     """Build the :class:`EnvSpec` for ``schema`` from marker options layered over ``settings``.
+
+    ``complete=False`` checks the options alone, not whether they suffice for an
+    environment (run-wide defaults need not name an image; the marker may).
 
     Raises :class:`InvalidSpec` naming ``where`` (or the settings' source), the
     option, what was wrong and the allowed values.
@@ -548,8 +552,9 @@ def resolve_spec(
         env=env,
         sources=MappingProxyType(sources),
     )
-    try:
-        schema.validate_spec(spec)
-    except InvalidSpec as exc:
-        raise InvalidSpec(str(exc), source=where) from None
+    if complete:
+        try:
+            schema.validate_spec(spec)
+        except InvalidSpec as exc:
+            raise InvalidSpec(str(exc), source=where) from None
     return spec

@@ -268,6 +268,11 @@ class KubernetesEnvironment(IsolatedEnvironment):
             return bytes(out), bytes(err), ws.returncode, False
         finally:
             ws.close()
+            # after the server's close frame the client leaves its socket open: close it
+            raw = getattr(getattr(ws, "sock", None), "sock", None)
+            if raw is not None:
+                with contextlib.suppress(OSError):
+                    raw.close()
 
     def _run(
         self,
@@ -690,6 +695,12 @@ def check_cluster(cluster: _Cluster) -> Availability:
     try:
         version = cluster.call(client.VersionApi(cluster.api).get_code, _request_timeout=5)
     except Exception as exc:
+        if getattr(exc, "status", None) in (401, 403):
+            return Availability(
+                False,
+                reason=_api_error(exc, cluster),
+                fix="log in again or refresh the kubeconfig's credentials",
+            )
         reason = getattr(exc, "reason", None) or str(exc).splitlines()[0][:200]
         return Availability(
             False,
