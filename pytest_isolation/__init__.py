@@ -11,6 +11,7 @@ from .engines.base import (
     EngineContext,
     EnvStatus,
     IsolatedEnvironment,
+    RemoteEnvironment,
     Resources,
 )
 from .errors import (
@@ -52,6 +53,7 @@ __all__ = [
     "Limits",
     "OperationNotSupported",
     "Option",
+    "RemoteEnvironment",
     "ResourceLimitExceeded",
     "ResourceRecord",
     "Resources",

@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import shlex
 import shutil
 import signal
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -363,13 +365,7 @@ class IsolatedEnvironment(ABC):
     def _workspace_path(self, rel: str) -> Path:
         if self.path is None:
             raise OperationNotSupported(self.engine, "file access without a host path")
-        relative = PurePosixPath(rel)
-        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-            raise InvalidSpec(
-                f"{rel!r} must be a relative path inside the workspace, without '..'",
-                source=f"environment {self.id}",
-            )
-        return self.path.joinpath(*relative.parts)
+        return self.path.joinpath(*workspace_relative(rel, self.id).parts)
 
     def usage(self) -> Usage:
         """Set-up time and what the environment's commands used so far."""
@@ -412,3 +408,59 @@ class IsolatedEnvironment(ABC):
         if self.path is not None and not self.path.is_dir():
             return [f"workspace {self.path} is missing"]
         return []
+
+
+def workspace_relative(rel: str, env_id: str) -> PurePosixPath:
+    """``rel`` as a path inside a workspace; refuses absolute paths and ``..``."""
+    relative = PurePosixPath(rel)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise InvalidSpec(
+            f"{rel!r} must be a relative path inside the workspace, without '..'",
+            source=f"environment {env_id}",
+        )
+    return relative
+
+
+class RemoteEnvironment(IsolatedEnvironment):
+    """An environment whose workspace lives elsewhere (a container, a pod): ``path`` is
+    None, files travel through the engine, and Python packages install with pip inside.
+
+    ``label`` names it in messages; subclasses call :meth:`_remember` for each command
+    so a failing test's report can show the last ones.
+    """
+
+    def __init__(self, *, env_id: str, spec: EnvSpec, resources: Resources, label: str):
+        super().__init__(env_id=env_id, spec=spec, resources=resources, path=None)
+        self.label = label
+        self._history: deque[str] = deque(maxlen=20)
+
+    def _remember(self, argv: Sequence[str], returncode: int | None) -> None:
+        self._history.append(f"$ {shlex.join(argv)}  -> {returncode}")
+
+    def install(self, packages: Sequence[str]) -> ExecResult:
+        """``pip install`` inside the environment (system-wide: the environment is its own)."""
+        if isinstance(packages, str):
+            packages = [packages]
+        command = [
+            "python3",
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+            *packages,
+        ]
+        return self.run(command, env={"PIP_BREAK_SYSTEM_PACKAGES": "1"}).check()
+
+    def logs(self) -> str:
+        """The output of the environment's main process."""
+        return ""
+
+    def report_sections(self) -> list[tuple[str, str]]:
+        sections = []
+        if self._history:
+            sections.append((f"commands in {self.label}", "\n".join(self._history)))
+        with contextlib.suppress(Exception):
+            if logs := self.logs().strip():
+                sections.append((f"logs of {self.label}", logs[-8000:]))
+        return sections

@@ -46,7 +46,14 @@ from ..errors import (
 )
 from ..execution import ExecResult, Usage
 from ..spec import EnvSpec, Option, boolean, choice, path, string, string_list
-from .base import Availability, Engine, EngineContext, IsolatedEnvironment, Resources
+from .base import (
+    Availability,
+    Engine,
+    EngineContext,
+    RemoteEnvironment,
+    Resources,
+    workspace_relative,
+)
 
 if TYPE_CHECKING:
     import docker
@@ -163,7 +170,7 @@ class DockerOptions:
         return cls(**{k: v for k, v in spec.options.items() if k in names})  # type: ignore[arg-type]
 
 
-class DockerEnvironment(IsolatedEnvironment):
+class DockerEnvironment(RemoteEnvironment):
     """One container; commands run through ``exec``."""
 
     def __init__(
@@ -175,12 +182,11 @@ class DockerEnvironment(IsolatedEnvironment):
         engine: DockerEngine,
         container: Any,
     ):
-        super().__init__(env_id=env_id, spec=spec, resources=resources, path=None)
+        super().__init__(env_id=env_id, spec=spec, resources=resources, label=container.name)
         self._engine = engine
         self.container = container
         self.name: str = container.name
         self.ports: dict[str, int] = _published(container)
-        self._history: deque[str] = deque(maxlen=20)
 
     @property
     def client(self) -> docker.DockerClient:
@@ -227,7 +233,7 @@ class DockerEnvironment(IsolatedEnvironment):
             raise CommandTimeout(argv, timeout, stdout, stderr)
         code = _exit_code(api, exec_id)
         result = ExecResult(tuple(argv), code, stdout, stderr, time.monotonic() - started)
-        self._history.append(f"$ {shlex.join(argv)}  -> {code}")
+        self._remember(argv, code)
         limit = self.spec.limits.memory
         oom = False
         if code == 137 and limit:
@@ -243,7 +249,7 @@ class DockerEnvironment(IsolatedEnvironment):
         return result
 
     def write_file(self, rel: str, data: str | bytes) -> None:
-        target = _relative(rel, self.id)
+        target = workspace_relative(rel, self.id)
         payload = data.encode() if isinstance(data, str) else data
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as archive:
@@ -256,7 +262,7 @@ class DockerEnvironment(IsolatedEnvironment):
             raise IsolationError(f"writing {rel} into container {self.name} failed")
 
     def read_file(self, rel: str) -> bytes:
-        target = PurePosixPath(WORKSPACE) / _relative(rel, self.id)
+        target = PurePosixPath(WORKSPACE) / workspace_relative(rel, self.id)
         import docker.errors
 
         try:
@@ -268,21 +274,6 @@ class DockerEnvironment(IsolatedEnvironment):
             if member is None:
                 raise IsADirectoryError(f"{target} in container {self.name} is not a file")
             return member.read()
-
-    def install(self, packages: Sequence[str]) -> ExecResult:
-        """``pip install`` inside the container (system-wide: it is the container's own)."""
-        if isinstance(packages, str):
-            packages = [packages]
-        command = [
-            "python3",
-            "-m",
-            "pip",
-            "install",
-            "--no-input",
-            "--disable-pip-version-check",
-            *packages,
-        ]
-        return self.run(command, env={"PIP_BREAK_SYSTEM_PACKAGES": "1"}).check()
 
     def logs(self) -> str:
         """The container's own output (of its main process)."""
@@ -304,15 +295,6 @@ class DockerEnvironment(IsolatedEnvironment):
             return [f"container {self.name} is gone"]
         status = self.container.status
         return [] if status == "running" else [f"container {self.name} is {status}"]
-
-    def report_sections(self) -> list[tuple[str, str]]:
-        sections = []
-        if self._history:
-            sections.append((f"commands in {self.name}", "\n".join(self._history)))
-        with contextlib.suppress(Exception):
-            if logs := self.logs().strip():
-                sections.append((f"logs of {self.name}", logs[-8000:]))
-        return sections
 
 
 @dataclass
@@ -724,16 +706,6 @@ class DockerEngine(Engine):
         self._network = None
         if errors:
             raise errors[0]
-
-
-def _relative(rel: str, env_id: str) -> PurePosixPath:
-    relative = PurePosixPath(rel)
-    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-        raise InvalidSpec(
-            f"{rel!r} must be a relative path inside the workspace, without '..'",
-            source=f"environment {env_id}",
-        )
-    return relative
 
 
 def _exchange(

@@ -41,7 +41,14 @@ from ..errors import (
 )
 from ..execution import ExecResult, Usage
 from ..spec import EnvSpec, Option, boolean, parse_duration, path, string, string_list
-from .base import Availability, Engine, EngineContext, IsolatedEnvironment, Resources
+from .base import (
+    Availability,
+    Engine,
+    EngineContext,
+    RemoteEnvironment,
+    Resources,
+    workspace_relative,
+)
 
 if TYPE_CHECKING:
     from ..ledger import ResourceRecord
@@ -204,7 +211,7 @@ def connect(kubeconfig: str | None, context: str | None, qps: float = 20.0) -> _
     )
 
 
-class KubernetesEnvironment(IsolatedEnvironment):
+class KubernetesEnvironment(RemoteEnvironment):
     """A namespace with one pod; commands run through ``exec``."""
 
     def __init__(
@@ -217,12 +224,11 @@ class KubernetesEnvironment(IsolatedEnvironment):
         namespace: str,
         pod: str,
     ) -> None:
-        super().__init__(env_id=env_id, spec=spec, resources=resources, path=None)
+        super().__init__(env_id=env_id, spec=spec, resources=resources, label=f"{namespace}/{pod}")
         self.cluster = cluster
         self.namespace = namespace
         self.pod = pod
         self.name = namespace
-        self._history: list[str] = []
 
     def _exec(
         self, argv: Sequence[str], data: bytes | None, timeout: float | None
@@ -304,7 +310,7 @@ class KubernetesEnvironment(IsolatedEnvironment):
             raise CommandTimeout(argv, timeout, text_out, text_err)
         with contextlib.suppress(Exception):
             self._exec(["rm", "-f", marker], None, 10)
-        self._history.append(f"$ {shlex.join(argv)}  -> {code}")
+        self._remember(argv, code)
         return ExecResult(
             tuple(argv),
             -1 if code is None else code,
@@ -323,7 +329,7 @@ class KubernetesEnvironment(IsolatedEnvironment):
             self._exec(["sh", "-c", script], None, 30)
 
     def write_file(self, rel: str, data: str | bytes) -> None:
-        target = _relative(rel, self.id)
+        target = workspace_relative(rel, self.id)
         payload = data.encode() if isinstance(data, str) else data
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as archive:
@@ -338,7 +344,7 @@ class KubernetesEnvironment(IsolatedEnvironment):
             )
 
     def read_file(self, rel: str) -> bytes:
-        target = _relative(rel, self.id)
+        target = workspace_relative(rel, self.id)
         out, err, code, _ = self._exec(["tar", "cf", "-", "-C", WORKSPACE, str(target)], None, 60)
         if code != 0:
             raise FileNotFoundError(
@@ -350,21 +356,6 @@ class KubernetesEnvironment(IsolatedEnvironment):
             if member is None:
                 raise IsADirectoryError(f"{target} in pod {self.namespace}/{self.pod}")
             return member.read()
-
-    def install(self, packages: Sequence[str]) -> ExecResult:
-        """``pip install`` inside the pod."""
-        if isinstance(packages, str):
-            packages = [packages]
-        command = [
-            "python3",
-            "-m",
-            "pip",
-            "install",
-            "--no-input",
-            "--disable-pip-version-check",
-            *packages,
-        ]
-        return self.run(command, env={"PIP_BREAK_SYSTEM_PACKAGES": "1"}).check()
 
     def logs(self) -> str:
         """The pod's own output (its main process)."""
@@ -398,15 +389,6 @@ class KubernetesEnvironment(IsolatedEnvironment):
             return [f"pod {self.namespace}/{self.pod}: {exc}"]
         phase = pod.status.phase if pod.status else None
         return [] if phase == "Running" else [f"pod {self.namespace}/{self.pod} is {phase}"]
-
-    def report_sections(self) -> list[tuple[str, str]]:
-        sections = []
-        if self._history:
-            sections.append((f"commands in {self.namespace}", "\n".join(self._history[-20:])))
-        with contextlib.suppress(Exception):
-            if logs := self.logs().strip():
-                sections.append((f"logs of {self.namespace}/{self.pod}", logs[-8000:]))
-        return sections
 
 
 class KubernetesEngine(Engine):
@@ -819,16 +801,6 @@ def _wait_gone(cluster: _Cluster, name: str, timeout: float = 120.0) -> None:
             raise
         time.sleep(0.2)
     raise IsolationError(f"namespace {name} still exists {timeout:g}s after its deletion")
-
-
-def _relative(rel: str, env_id: str) -> PurePosixPath:
-    relative = PurePosixPath(rel)
-    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-        raise InvalidSpec(
-            f"{rel!r} must be a relative path inside the workspace, without '..'",
-            source=f"environment {env_id}",
-        )
-    return relative
 
 
 def _label_value(text: str) -> str:
