@@ -195,8 +195,10 @@ def connect(kubeconfig: str | None, context: str | None, qps: float = 20.0) -> _
 
     configuration = client.Configuration()
     load: Any = config.load_kube_config  # the client is untyped
+    # the client reads KUBECONFIG once, when it is imported: read it now instead
+    config_file = kubeconfig or os.environ.get("KUBECONFIG") or None
     try:
-        load(config_file=kubeconfig, context=context, client_configuration=configuration)
+        load(config_file=config_file, context=context, client_configuration=configuration)
     except (config.ConfigException, FileNotFoundError, TypeError) as exc:
         if kubeconfig or context or not os.environ.get("KUBERNETES_SERVICE_HOST"):
             where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
@@ -233,9 +235,15 @@ class KubernetesEnvironment(RemoteEnvironment):
     def _exec(
         self, argv: Sequence[str], data: bytes | None, timeout: float | None
     ) -> tuple[bytes, bytes, int | None, bool]:
-        """Run ``argv`` in the pod; (stdout, stderr, exit status, timed out)."""
+        """Run ``argv`` in the pod; (stdout, stderr, exit status, timed out).
+
+        With ``data``, the command reads exactly that many bytes (``head -c``): the v4
+        channel protocol has no way to close stdin, so the end of input is counted.
+        """
         from kubernetes.stream import stream
 
+        if data is not None:
+            argv = ["sh", "-c", f'head -c {len(data)} | "$@"', "sh", *argv]
         self.cluster.throttle()
         client = self.cluster.core()
         ws = stream(
@@ -253,10 +261,8 @@ class KubernetesEnvironment(RemoteEnvironment):
         out, err = bytearray(), bytearray()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if data is not None:
-                if data:
-                    ws.write_stdin(data)
-                ws.close_channel(0)  # EOF for the command (v5.channel.k8s.io)
+            if data:
+                ws.write_stdin(data)
             while ws.is_open():
                 if deadline is not None and time.monotonic() >= deadline:
                     return bytes(out), bytes(err), None, True
@@ -271,7 +277,10 @@ class KubernetesEnvironment(RemoteEnvironment):
                     err += ws.read_stderr()
             out += ws.read_stdout() or b""
             err += ws.read_stderr() or b""
-            return bytes(out), bytes(err), ws.returncode, False
+            code, problem = _exit_status(ws.read_channel(3))
+            if problem:
+                err += problem.encode()
+            return bytes(out), bytes(err), code, False
         finally:
             ws.close()
             # after the server's close frame the client leaves its socket open: close it
@@ -738,6 +747,22 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def _exit_status(raw: bytes | str) -> tuple[int | None, str]:
+    """The command's exit status from the status message on channel 3, and what went wrong
+    when the command did not run at all (the kubelet then sends no exit code)."""
+    try:
+        status = json.loads(raw or "{}")
+    except ValueError:
+        return None, f"unreadable exec status: {raw!r}"
+    if not status or status.get("status") == "Success":
+        return 0, ""
+    for cause in (status.get("details") or {}).get("causes") or []:
+        if cause.get("reason") == "ExitCode":
+            with contextlib.suppress(TypeError, ValueError):
+                return int(cause.get("message")), ""
+    return 126, f"pytest-isolation: the command could not run: {status.get('message', status)}\n"
 
 
 def _template_image(template: Mapping[str, Any] | None) -> str | None:
