@@ -26,14 +26,17 @@ def _children() -> set[int]:
     return {child.pid for child in psutil.Process().children(recursive=True)}
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # gone between the listing and this look
+        return False
+
+
 def _wait_for_children_gone(before: set[int], timeout: float = 5.0) -> set[int]:
     deadline = time.monotonic() + timeout
     while True:
-        alive = {
-            pid
-            for pid in _children() - before
-            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        }
+        alive = {pid for pid in _children() - before if _running(pid)}
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.05)
