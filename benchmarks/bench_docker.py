@@ -38,10 +38,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import environ, ms
 
 from pytest_isolation import IsolationManager
 from pytest_isolation.engines.docker import SESSION_LABEL, DockerEnvironment
@@ -107,25 +109,6 @@ def run(argv: Sequence[str]) -> str:
 def short(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return (" | ".join(lines[:2]) or type(exc).__name__)[:300]
-
-
-@contextlib.contextmanager
-def environ(**values: str | None) -> Iterator[None]:
-    """Set (or, with None, remove) environment variables for the block."""
-    saved = {name: os.environ.get(name) for name in values}
-    try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class Bench:
@@ -406,10 +389,6 @@ def measure(variants: Sequence[Variant], rounds: int, progress: str) -> None:
                     variant.row.problem = f"failed while timing: {short(exc)}"
                 else:
                     variant.row.failure = short(exc)
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f}"
 
 
 def table(title: str, rows: Sequence[Row], baseline: Row) -> list[str]:

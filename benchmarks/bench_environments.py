@@ -44,12 +44,13 @@ import textwrap
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from common import environ, isolation_dirs, ms
 
 import pytest_isolation.plugin
 from pytest_isolation import IsolationManager
@@ -157,25 +158,6 @@ def run(argv: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None) -> N
 
 def check_import(python: Path) -> None:
     run([python, "-c", f"import {PACKAGE}; assert {PACKAGE}.VERSION == {VERSION!r}"])
-
-
-@contextlib.contextmanager
-def environ(**values: str | None) -> Iterator[None]:
-    """Set (or, with None, remove) environment variables for the block."""
-    saved = {name: os.environ.get(name) for name in values}
-    try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class Workspace:
@@ -686,10 +668,6 @@ def paired(row: Row, baseline: Row, *, with_teardown: bool = False) -> float | N
     return statistics.median(differences) if differences else None
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f}"
-
-
 def table(title: str, rows: Sequence[Row], baseline: Row) -> list[str]:
     header = (
         f"{'row':<42} {'n':>4} {'min ms':>9} {'median ms':>10} {'max ms':>9} "
@@ -731,10 +709,6 @@ def versions() -> str:
         result = subprocess.run([uv, "--version"], capture_output=True, text=True, check=False)
         found.append(result.stdout.strip())
     return ", ".join(found) + f"; {platform.system()} {platform.release()}"
-
-
-def isolation_dirs(folder: Path) -> set[str]:
-    return {p.name for p in folder.glob("pytest-isolation-*")}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -44,10 +44,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from common import environ, isolation_dirs, ms
 
 from pytest_isolation import IsolationManager
 from pytest_isolation.ledger import Ledger
@@ -162,25 +164,6 @@ class Variant:
 # --- helpers --------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def environ(**values: str | None) -> Iterator[None]:
-    """Set (or, with None, remove) environment variables for the block."""
-    saved = {name: os.environ.get(name) for name in values}
-    try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _short(text: str, limit: int = 300) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     joined = " | ".join(lines[:1] + lines[-2:]) if len(lines) > 3 else " | ".join(lines)
@@ -196,10 +179,6 @@ def timed_call(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
         output = (result.stdout + result.stderr).decode(errors="replace")
         raise RuntimeError(f"exited {result.returncode}: {_short(output)}")
     return elapsed
-
-
-def isolation_dirs(folder: Path) -> set[str]:
-    return {p.name for p in folder.glob("pytest-isolation-*")}
 
 
 def isolation_cgroups() -> set[str]:
@@ -580,10 +559,6 @@ def paired(row: Row, baseline: Row) -> float | None:
         if samples and baseline.rounds.get(index)
     ]
     return statistics.median(differences) if differences else None
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f}"
 
 
 def table(title: str, rows: Sequence[Row], extra: str, value: Callable[[Row], str]) -> list[str]:
