@@ -6,22 +6,53 @@ import base64
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from pytest_isolation.ledger import Ledger
+
+T = TypeVar("T")
 
 #: Engines CI requires (PYTEST_ISOLATION_REQUIRE), read before the fixtures below hide the
 #: variable from the runs that tests start.
 REQUIRED = {name.strip() for name in os.environ.get("PYTEST_ISOLATION_REQUIRE", "").split(",")}
 #: The image the docker tests start; CI builds it offline (see .ci/run).
 TEST_IMAGE = os.environ.get("PYTEST_ISOLATION_TEST_IMAGE", "piso-test-python:bookworm")
+
+
+def wait_for(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def cli(*args: str, module: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``pytest-isolation ARGS`` (or ``python -m pytest_isolation ARGS``) in a process of its
+    own, so that its owner is not the test."""
+    if module:
+        command = [sys.executable, "-m", "pytest_isolation"]
+    else:
+        script = Path(sys.executable).with_name("pytest-isolation")
+        assert script.exists(), f"the console script is not installed next to {sys.executable}"
+        command = [str(script)]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def need_engine(name: str) -> None:

@@ -19,24 +19,12 @@ import psutil
 from pytest_isolation import IsolationManager, ResourceRecord
 from pytest_isolation.engines.basic import LocalEnvironment
 from pytest_isolation.ledger import Owner
+from tests.conftest import cli
 
 if TYPE_CHECKING:
     import pytest
 
     from pytest_isolation import Ledger
-
-
-def cli(*args: str, module: bool = False) -> subprocess.CompletedProcess[str]:
-    """``pytest-isolation ARGS`` (or ``python -m pytest_isolation ARGS``) in a new process."""
-    if module:
-        command = [sys.executable, "-m", "pytest_isolation"]
-    else:
-        script = Path(sys.executable).with_name("pytest-isolation")
-        assert script.exists(), f"the console script is not installed next to {sys.executable}"
-        command = [str(script)]
-    return subprocess.run(
-        [*command, *args], capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 def ended_owner() -> Owner:

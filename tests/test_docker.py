@@ -58,7 +58,7 @@ from pytest_isolation.engines.docker import (
     WORKSPACE,
     DockerEnvironment,
 )
-from tests.conftest import TEST_IMAGE, build_wheel, need_engine
+from tests.conftest import TEST_IMAGE, build_wheel, cli, need_engine, wait_for
 
 T = TypeVar("T")
 
@@ -74,18 +74,6 @@ PROCESSES = (
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def docker_env(manager: IsolationManager, **options: object) -> DockerEnvironment:
@@ -148,15 +136,6 @@ def of_session(client: docker.DockerClient, session: str) -> list[str]:
     containers = client.containers.list(all=True, filters=label, ignore_removed=True)
     networks = client.networks.list(filters=label)
     return [f"container {c.name}" for c in containers] + [f"network {n.name}" for n in networks]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """``pytest-isolation ARGS`` in a process of its own (so its owner is not this one)."""
-    script = Path(sys.executable).with_name("pytest-isolation")
-    assert script.exists(), f"the console script is not installed next to {sys.executable}"
-    return subprocess.run(
-        [str(script), *args], capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 # --- what a test leaves -----------------------------------------------------------------------

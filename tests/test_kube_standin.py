@@ -24,7 +24,6 @@ import re
 import socket
 import struct
 import tarfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -42,7 +41,7 @@ from kubernetes.client.exceptions import (
 )
 from kubernetes.stream import stream
 
-from tests.conftest import TEST_IMAGE, need_engine
+from tests.conftest import TEST_IMAGE, need_engine, wait_for
 from tests.kube_standin import STANDIN_LABEL, KubeStandIn
 
 T = TypeVar("T")
@@ -79,18 +78,6 @@ PROCESSES = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; ec
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def wait_until(check: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def status_of(error: ApiException) -> dict[str, Any]:
@@ -133,7 +120,7 @@ def start_pod(core: client.CoreV1Api, namespace: str, name: str, **fields: Any) 
         assert pod.status is not None
         return pod if pod.status.phase == "Running" else None
 
-    return wait_until(running, f"pod {namespace}/{name} running")
+    return wait_for(running, f"pod {namespace}/{name} running")
 
 
 def open_exec(
@@ -375,7 +362,7 @@ def test_namespace_lifecycle(standin: KubeStandIn, core: client.CoreV1Api) -> No
             return status_of(error)
         return None
 
-    body = wait_until(gone, "the namespace to disappear")
+    body = wait_for(gone, "the namespace to disappear")
     assert (body["reason"], body["details"]) == ("NotFound", {"name": name, "kind": "namespaces"})
     assert standin.container_ids() == []
     assert name not in standin.namespaces
@@ -453,7 +440,7 @@ def test_a_pod_runs_as_a_docker_container(
         pod = core.read_namespaced_pod("box", namespace)
         return pod if pod.status is not None and pod.status.phase == "Running" else None
 
-    pod = wait_until(running, "the pod to run")
+    pod = wait_for(running, "the pod to run")
     assert pod.status is not None and pod.status.container_statuses is not None
     status = pod.status.container_statuses[0]
     assert status.ready and status.state is not None and status.state.running is not None
@@ -477,7 +464,7 @@ def test_a_pod_runs_as_a_docker_container(
         text = core.read_namespaced_pod_log("box", namespace)
         return text if text else None
 
-    assert wait_until(logged, "the pod's log") == "started as 1000 in /tmp with hi hi-there\n"
+    assert wait_for(logged, "the pod's log") == "started as 1000 in /tmp with hi hi-there\n"
     reasons = [e.reason for e in events_of(core, namespace, "box")]
     assert reasons == ["Scheduled", "Pulled", "Created", "Started"]  # listed by name: by time
 
@@ -486,7 +473,7 @@ def test_a_pod_runs_as_a_docker_container(
     )
     with pytest.raises(NotFoundException):
         core.read_namespaced_pod("box", namespace)
-    wait_until(lambda: not standin.container_ids(), "the container's removal")
+    wait_for(lambda: not standin.container_ids(), "the container's removal")
 
 
 def test_pods_are_watched_to_running(core: client.CoreV1Api) -> None:
@@ -530,13 +517,13 @@ def test_a_missing_image_leaves_the_pod_pending_with_events(
         assert pod.status.phase == "Pending"
         return statuses[0].state.waiting.reason
 
-    assert wait_until(waiting_reason, "the pull failure") in {"ErrImagePull", "ImagePullBackOff"}
+    assert wait_for(waiting_reason, "the pull failure") in {"ErrImagePull", "ImagePullBackOff"}
     failed = [e for e in events_of(core, namespace, "nopull") if e.reason == "Failed"]
     assert any(image in (e.message or "") and e.type == "Warning" for e in failed)
     with pytest.raises(ApiException) as caught:
         core.read_namespaced_pod_log("nopull", namespace)
     assert caught.value.status == 400 and "waiting to start" in status_of(caught.value)["message"]
-    assert wait_until(lambda: waiting_reason() == "ImagePullBackOff", "the back-off")
+    assert wait_for(lambda: waiting_reason() == "ImagePullBackOff", "the back-off")
     assert standin.container_of(namespace, "nopull") is None
 
 
@@ -553,7 +540,7 @@ def test_an_unschedulable_pod_stays_pending(standin: KubeStandIn, core: client.C
         found = [c for c in pod.status.conditions or [] if c.type == "PodScheduled"]
         return found[0] if found else None
 
-    condition = wait_until(unscheduled, "the scheduling verdict")
+    condition = wait_for(unscheduled, "the scheduling verdict")
     assert (condition.status, condition.reason) == ("False", "Unschedulable")
     events = events_of(core, namespace, "stuck")
     assert [e.reason for e in events] == ["FailedScheduling"]
@@ -723,7 +710,7 @@ def test_exec_closed_early_by_the_client_kills_the_process(core: client.CoreV1Ap
     start_pod(core, namespace, "box")
     ws = open_exec(core, namespace, "box", ["sh", "-c", "sleep 301 & sleep 302; wait"])
     try:
-        wait_until(lambda: "sleep 302" in processes(core, namespace, "box"), "the exec to start")
+        wait_for(lambda: "sleep 302" in processes(core, namespace, "box"), "the exec to start")
     finally:
         finish(ws)
 
@@ -731,7 +718,7 @@ def test_exec_closed_early_by_the_client_kills_the_process(core: client.CoreV1Ap
         listing = processes(core, namespace, "box")
         return "sleep 301" not in listing and "sleep 302" not in listing
 
-    wait_until(cleared, "the exec'd processes to die", timeout=10)
+    wait_for(cleared, "the exec'd processes to die", timeout=10)
 
 
 def test_websocket_layer_v4_fragments_ping(standin: KubeStandIn, core: client.CoreV1Api) -> None:
@@ -802,11 +789,11 @@ def test_an_unmasked_client_frame_closes_with_1002(
             assert head.startswith(b"HTTP/1.1 101 ")
             assert b"Sec-WebSocket-Accept: " + accept in head
             assert reader.read(3) == b"\x82\x01\x01"  # the kubelet's empty "ready" frame, stdout
-            wait_until(lambda: "sleep 303" in processes(core, namespace, "box"), "the exec")
+            wait_for(lambda: "sleep 303" in processes(core, namespace, "box"), "the exec")
             raw.sendall(b"\x82\x02\x00x")  # binary, unmasked: forbidden from a client
             first, length = reader.read(2)
             assert first == 0x88 and struct.unpack("!H", reader.read(length)[:2])[0] == 1002
-    wait_until(lambda: "sleep 303" not in processes(core, namespace, "box"), "the kill", timeout=10)
+    wait_for(lambda: "sleep 303" not in processes(core, namespace, "box"), "the kill", timeout=10)
 
 
 # --- stop -------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pytest_isolation import (
     Ledger,
 )
 from pytest_isolation.engines.kubernetes import KubernetesEnvironment, check_cluster, connect
-from tests.conftest import TEST_IMAGE, build_wheel, need_engine
+from tests.conftest import TEST_IMAGE, build_wheel, cli, need_engine, wait_for
 from tests.kube_standin import KubeStandIn
 
 CLUSTER_IMAGE = os.environ.get("PYTEST_ISOLATION_KUBE_IMAGE", "python:3.12-slim")
@@ -84,17 +84,6 @@ def gone_or_terminating(kube: Kube, namespace: str) -> bool:
     except ApiException as exc:
         return bool(exc.status == 404)
     return found.status.phase == "Terminating" or found.metadata.deletion_timestamp is not None
-
-
-def wait_for(condition: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def k8s_env(manager: IsolationManager, kube: Kube, **options: Any) -> KubernetesEnvironment:
@@ -338,13 +327,7 @@ def test_expired_credentials_and_an_unreachable_server_are_explained(
 
 
 def test_doctor_reports_context_server_and_permission(kube: Kube) -> None:
-    doctor = subprocess.run(
-        [sys.executable, "-m", "pytest_isolation", "doctor"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    doctor = cli("doctor", module=True)
     assert doctor.returncode == 0, doctor.stderr
     line = next(line for line in doctor.stdout.splitlines() if "kubernetes" in line)
     assert "[ok] kubernetes: available" in line
@@ -422,7 +405,9 @@ def test_block(isolated_env):
         start_new_session=True,
     )
     try:
-        namespace = wait_for(lambda: state.exists() and state.read_text(), "the namespace", 120)
+        namespace = wait_for(
+            lambda: state.read_text() if state.exists() else None, "the namespace", 120
+        )
         started = time.monotonic()
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
@@ -465,13 +450,7 @@ def test_cleanup_finds_a_namespace_no_ledger_lists(kube: Kube) -> None:
     orphan = labelled(dead.pid, "12345.00")
     alive = labelled(os.getpid(), f"{psutil.Process().create_time():.2f}")
     try:
-        cleanup = subprocess.run(
-            [sys.executable, "-m", "pytest_isolation", "cleanup"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        cleanup = cli("cleanup", module=True)
         assert cleanup.returncode == 0, cleanup.stderr
         assert f"removed {orphan}" in cleanup.stdout
         assert gone_or_terminating(kube, orphan)

@@ -32,7 +32,7 @@ import textwrap
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -48,6 +48,7 @@ from pytest_isolation import (
     ResourceLimitExceeded,
 )
 from pytest_isolation.engines.sandbox import SandboxEnvironment
+from tests.conftest import wait_for
 
 if TYPE_CHECKING:
     from pytest_isolation.linux.cgroups import Controller
@@ -83,18 +84,6 @@ def sh(env: SandboxEnvironment, script: str, cwd: str | None = None) -> ExecResu
 
 def python(env: SandboxEnvironment, code: str, timeout: float = PATIENCE) -> ExecResult:
     return env.run([sys.executable, "-c", textwrap.dedent(code)], timeout=timeout)
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def gone(process: psutil.Process) -> bool:
@@ -1120,6 +1109,7 @@ ROOTLESS_INSIDE = """
 import os
 import socket
 import pytest
+
 
 @pytest.mark.isolated("sandbox", inside=True)
 def test_inside_passes():

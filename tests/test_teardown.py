@@ -38,6 +38,7 @@ from pytest_isolation import (
 from pytest_isolation import engines as builtin_engines
 from pytest_isolation.engines.basic import LOCAL_OPTIONS, LocalEnvironment, make_root
 from pytest_isolation.manager import signals_deferred
+from tests.conftest import cli, wait_for
 
 if TYPE_CHECKING:
     from pytest_isolation import EnvSpec, Ledger, ResourceRecord
@@ -70,18 +71,6 @@ def roots(pytester: pytest.Pytester) -> list[Path]:
     return [Path(line) for line in listing.read_text().split("\n")[:-1] if line]
 
 
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
-
-
 def complete_line(path: Path) -> str | None:
     """The content of ``path`` once a writer has finished its line, else None."""
     try:
@@ -102,20 +91,6 @@ def gone(process: psutil.Process) -> bool:
         return process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def cli_path() -> Path:
-    """The ``pytest-isolation`` console script of the running interpreter's environment."""
-    script = Path(sys.executable).with_name("pytest-isolation")
-    assert script.exists(), f"the console script is not installed next to {sys.executable}"
-    return script
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``pytest-isolation ARGS`` in a process of its own (so its owner is not us)."""
-    return subprocess.run(
-        [str(cli_path()), *args], capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 @contextlib.contextmanager
@@ -1304,6 +1279,7 @@ xdist.workermanage.NodeManager.EXIT_TIMEOUT = 1
         + """
 import time
 import pytest
+
 
 @pytest.mark.parametrize("n", range(2))
 def test_it(isolated_env, n):

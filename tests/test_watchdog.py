@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from pytest_isolation.ledger import Ledger
-from tests.conftest import TEST_IMAGE, need_engine
+from tests.conftest import TEST_IMAGE, cli, need_engine, wait_for
 
 REAPED_WITHIN = 2.0  # seconds from the kill until nothing is left (Ryuk: 10 s, Docker only)
 
@@ -86,17 +86,6 @@ def start_run(tmp_path: Path, engine: str, *extra: str) -> tuple[subprocess.Pope
         start_new_session=True,
     )
     return process, state
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def made_by(state: Path) -> dict[str, Any]:
@@ -174,7 +163,7 @@ def test_a_killed_run_leaves_nothing(
     """However the run is stopped, its environment is gone within two seconds."""
     process, state = start_run(tmp_path, engine_ready)
     try:
-        made = wait_for(lambda: state.exists() and made_by(state), "the environment", 120)
+        made = wait_for(lambda: made_by(state) if state.exists() else None, "the environment", 120)
         assert leftovers(made, isolation_state), "the environment should exist while it runs"
 
         def kill() -> None:
@@ -200,7 +189,7 @@ def test_a_killed_xdist_worker_is_reaped(tmp_path: Path, isolation_state: Ledger
     """An xdist worker killed mid-test: its own watchdog reaps its environment."""
     process, state = start_run(tmp_path, "basic", "-n", "2")
     try:
-        made = wait_for(lambda: state.exists() and made_by(state), "the environment", 120)
+        made = wait_for(lambda: made_by(state) if state.exists() else None, "the environment", 120)
         worker = made["pid"]
         assert worker != process.pid
         elapsed = reaped_after(lambda: os.kill(worker, signal.SIGKILL), made, isolation_state)
@@ -216,8 +205,12 @@ def test_killing_one_run_leaves_a_concurrent_run_alone(
     first, first_state = start_run(tmp_path, "basic")
     second, second_state = start_run(tmp_path, "basic")
     try:
-        mine = wait_for(lambda: first_state.exists() and made_by(first_state), "run 1", 120)
-        theirs = wait_for(lambda: second_state.exists() and made_by(second_state), "run 2", 120)
+        mine = wait_for(
+            lambda: made_by(first_state) if first_state.exists() else None, "run 1", 120
+        )
+        theirs = wait_for(
+            lambda: made_by(second_state) if second_state.exists() else None, "run 2", 120
+        )
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         wait_for(lambda: not Path(mine["root"]).exists(), "the killed run to be reaped", 5)
@@ -243,7 +236,7 @@ def test_labels_find_containers_when_the_ledger_is_lost(
     need_engine("docker")
     process, state = start_run(tmp_path, "docker")
     try:
-        made = wait_for(lambda: state.exists() and made_by(state), "the container", 120)
+        made = wait_for(lambda: made_by(state) if state.exists() else None, "the container", 120)
         for entry in isolation_state.root.iterdir():
             if ledger_damage == "deleted":
                 entry.unlink()
@@ -273,20 +266,14 @@ def test_without_its_watchdog_a_lost_ledger_is_swept_by_label(
     monkeypatch.setenv("PYTEST_ISOLATION_WATCHDOG", "0")
     process, state = start_run(tmp_path, "docker")
     try:
-        made = wait_for(lambda: state.exists() and made_by(state), "the container", 120)
+        made = wait_for(lambda: made_by(state) if state.exists() else None, "the container", 120)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         for entry in isolation_state.root.iterdir():
             entry.unlink()
         probe = {**made, "root": "", "cgroups": []}
         assert leftovers(probe, isolation_state), "the container should have survived"
-        cleanup = subprocess.run(
-            [sys.executable, "-m", "pytest_isolation", "cleanup"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        cleanup = cli("cleanup", module=True)
         assert cleanup.returncode == 0, cleanup.stderr
         assert f"removed {made['container']}" in cleanup.stdout
         assert not leftovers(probe, isolation_state)
