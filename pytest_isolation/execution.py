@@ -1,9 +1,11 @@
-"""The one way pytest-isolation runs a local command.
+"""The one way pytest-isolation runs a command and collects what it did.
 
-A command runs in its own session (process group) so that a timeout, an
-interrupt or its end takes down everything it started.  On Linux the child is
-watched through a pidfd and reaped with ``wait4``, which yields its exact CPU
-time and peak memory (including waited-for descendants) at no extra cost.
+A local command runs in its own session (process group) so that a timeout, an
+interrupt or its end takes down everything it started.  It is watched through
+a pidfd and reaped with ``wait4``, which yields its exact CPU time and peak
+memory (including waited-for descendants) at no extra cost.  :func:`collect`
+is the one loop that feeds a command's input and reads its output, for local
+commands and for those a sandbox runs (see :class:`Running`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .errors import CommandFailed, CommandTimeout
 
@@ -99,7 +102,6 @@ def execute(
     timeout: float | None = None,
     shell: bool = False,
     on_spawn: SpawnHook | None = None,
-    preexec: Callable[[], None] | None = None,
 ) -> ExecResult:
     """Run ``command`` to completion and return its :class:`ExecResult`.
 
@@ -118,93 +120,197 @@ def execute(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        # only the sandbox passes one: its child makes system calls, then forks or execs
-        preexec_fn=preexec,  # noqa: PLW1509
     )
     forget = None
+    local = _Local(process)
     try:
         forget = on_spawn(process.pid) if on_spawn else None
-        outcome = _collect(process, data, None if timeout is None else started + timeout)
+        assert process.stdout is not None
+        assert process.stderr is not None
+        stdin = None
+        if process.stdin is not None:  # collect() owns and closes the one it is given
+            stdin = os.dup(process.stdin.fileno())
+            process.stdin.close()
+        outcome = collect(
+            local,
+            stdin=stdin,
+            stdout=process.stdout.fileno(),
+            stderr=process.stderr.fileno(),
+            data=data,
+            deadline=None if timeout is None else started + timeout,
+        )
     finally:
         if process.returncode is None:  # interrupted before the command ended
-            _kill_group(process)
+            local.kill()
             process.wait()
         for stream in (process.stdin, process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
         if forget:
             forget()
-    stdout, stderr, returncode, cpu_time, peak = outcome
-    duration = time.monotonic() - started
-    if returncode is None:
-        assert timeout is not None
-        raise CommandTimeout(argv, timeout, stdout, stderr)
-    return ExecResult(tuple(argv), returncode, stdout, stderr, duration, cpu_time, peak)
+    return outcome.result(argv, started, timeout)
 
 
-_Outcome = tuple[str, str, "int | None", "float | None", "int | None"]
+@dataclass(frozen=True)
+class Exited:
+    """How a command ended: its exit status and what it used, where known."""
+
+    returncode: int
+    cpu_time: float | None = None
+    peak_memory: int | None = None
 
 
-def _collect(
-    process: subprocess.Popen[bytes], data: bytes | None, deadline: float | None
-) -> _Outcome:
-    """Feed stdin, read stdout/stderr and reap the process; ``returncode`` is None on timeout."""
-    assert process.stdout is not None
-    assert process.stderr is not None
-    if not hasattr(os, "pidfd_open"):  # pragma: no cover - non-Linux fallback
-        return _collect_portable(process, data, deadline)
-    out_fd, err_fd = process.stdout.fileno(), process.stderr.fileno()
-    chunks: dict[int, list[bytes]] = {out_fd: [], err_fd: []}
-    stdin_fd = process.stdin.fileno() if process.stdin is not None else -1
+class Running(Protocol):
+    """A started command, as :func:`collect` watches it: local or in a sandbox."""
+
+    def exit_fd(self) -> int:
+        """A descriptor that becomes readable when the command may have ended."""
+
+    def poll(self) -> Exited | None:
+        """The command's end, once :meth:`exit_fd` is readable; ``None`` if not yet."""
+
+    def wait(self) -> Exited:
+        """Block until the command has ended (after :meth:`kill`)."""
+
+    def kill(self) -> None:
+        """Kill the command and everything it started, now."""
+
+    def sample_peak(self) -> int:
+        """The command's peak memory so far in bytes, 0 where it cannot be read."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :func:`collect` saw: the output, and the end (``None`` after a timeout)."""
+
+    stdout: str
+    stderr: str
+    exited: Exited | None
+
+    def result(self, argv: Sequence[str], started: float, timeout: float | None) -> ExecResult:
+        """The :class:`ExecResult`; raises :class:`CommandTimeout` if the command timed out."""
+        if self.exited is None:
+            assert timeout is not None
+            raise CommandTimeout(list(argv), timeout, self.stdout, self.stderr)
+        return ExecResult(
+            tuple(argv),
+            self.exited.returncode,
+            self.stdout,
+            self.stderr,
+            time.monotonic() - started,
+            self.exited.cpu_time,
+            self.exited.peak_memory,
+        )
+
+
+class _Local:
+    """A command run by this process, watched through a pidfd and reaped with ``wait4``,
+    which yields its exact CPU time and peak memory."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self._pidfd: int | None = None
+
+    def exit_fd(self) -> int:
+        if self._pidfd is None:
+            self._pidfd = os.pidfd_open(self.process.pid)
+        return self._pidfd
+
+    def poll(self) -> Exited:
+        self.kill()  # the leader is a zombie, so its group id is still ours
+        return self.wait()
+
+    def wait(self) -> Exited:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        _, raw, rusage = os.wait4(self.process.pid, 0)
+        self.process.returncode = os.waitstatus_to_exitcode(raw)
+        # After vfork/exec the child's ru_maxrss starts at the runner's own peak, so it
+        # is the command's figure only when above that (ru_maxrss is in kilobytes).
+        maxrss = rusage.ru_maxrss * 1024
+        peak = maxrss if maxrss > _own_peak() else None
+        return Exited(self.process.returncode, rusage.ru_utime + rusage.ru_stime, peak)
+
+    def kill(self) -> None:
+        """SIGKILL the command's process group while its leader is unreaped.
+
+        Once the leader is reaped its pid could be reused, so the group is never
+        signalled after that.
+        """
+        if self.process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def sample_peak(self) -> int:
+        return _high_water_mark(self.process.pid)
+
+
+def collect(
+    running: Running,
+    *,
+    stdin: int | None,
+    stdout: int,
+    stderr: int,
+    data: bytes | None,
+    deadline: float | None,
+) -> Outcome:
+    """Feed ``data`` to ``stdin``, read ``stdout``/``stderr`` and wait for the command's end;
+    past ``deadline`` (a ``time.monotonic()`` value) kill it.  Closes ``stdin`` once written."""
+    chunks: dict[int, list[bytes]] = {stdout: [], stderr: []}
     pending = memoryview(data or b"")
-    status: tuple[int, float, int] | None = None
+    exited: Exited | None = None
     sampled = 0
     timed_out = False
     drain_until: float | None = None
+    exit_fd = running.exit_fd()
     selector = selectors.DefaultSelector()
-    pidfd = os.pidfd_open(process.pid)
     try:
-        selector.register(out_fd, selectors.EVENT_READ)
-        selector.register(err_fd, selectors.EVENT_READ)
-        selector.register(pidfd, selectors.EVENT_READ)
-        if process.stdin is not None:
+        selector.register(stdout, selectors.EVENT_READ)
+        selector.register(stderr, selectors.EVENT_READ)
+        selector.register(exit_fd, selectors.EVENT_READ)
+        if stdin is not None:
             if pending:
-                os.set_blocking(stdin_fd, False)
-                selector.register(stdin_fd, selectors.EVENT_WRITE)
+                os.set_blocking(stdin, False)
+                selector.register(stdin, selectors.EVENT_WRITE)
             else:
-                process.stdin.close()
+                os.close(stdin)
+                stdin = None
         while selector.get_map():
-            limit = drain_until if status is not None else deadline
+            limit = drain_until if exited is not None else deadline
             wait = None if limit is None else max(0.0, limit - time.monotonic())
-            if status is None:
+            if exited is None:
                 wait = _SAMPLE_EVERY if wait is None else min(wait, _SAMPLE_EVERY)
             events = selector.select(wait)
-            if not events and status is None:
-                sampled = max(sampled, _high_water_mark(process.pid))
+            if not events and exited is None:
+                sampled = max(sampled, running.sample_peak())
             if not events and limit is not None and time.monotonic() >= limit:
-                if status is not None:
+                if exited is not None:
                     break  # something outside the group holds the pipes: stop waiting for it
                 timed_out = True
-                _kill_group(process)
-                selector.unregister(pidfd)
-                status = _reap(process)
+                running.kill()
+                selector.unregister(exit_fd)
+                exited = running.wait()
                 drain_until = time.monotonic() + _DRAIN_GRACE
                 continue
             for key, _ in events:
-                if key.fd == pidfd:
-                    selector.unregister(pidfd)
-                    _kill_group(process)  # the leader is a zombie, so its group id is still ours
-                    status = _reap(process)
+                if key.fd == exit_fd:
+                    ended = running.poll()
+                    if ended is None:
+                        continue
+                    selector.unregister(exit_fd)
+                    exited = ended
                     drain_until = time.monotonic() + _DRAIN_GRACE
-                elif key.fd == stdin_fd:
+                elif key.fd == stdin:
                     try:
-                        pending = pending[os.write(stdin_fd, pending[:65536]) :]
+                        pending = pending[os.write(stdin, pending[:65536]) :]
                     except BrokenPipeError:
                         pending = pending[:0]
                     if not pending:
-                        selector.unregister(stdin_fd)
-                        assert process.stdin is not None
-                        process.stdin.close()
+                        selector.unregister(stdin)
+                        os.close(stdin)
+                        stdin = None
                 else:
                     block = os.read(key.fd, 65536)
                     if block:
@@ -213,14 +319,13 @@ def _collect(
                         selector.unregister(key.fd)
     finally:
         selector.close()
-        os.close(pidfd)
-    assert status is not None
-    code, cpu_time, maxrss = status
-    # After vfork/exec the child's ru_maxrss starts at the runner's own peak, so it
-    # is the command's figure only when above that; otherwise use what was sampled.
-    peak = maxrss if maxrss > _own_peak() else (sampled or None)
-    stdout, stderr = _text(b"".join(chunks[out_fd])), _text(b"".join(chunks[err_fd]))
-    return stdout, stderr, None if timed_out else code, cpu_time, peak
+        if stdin is not None:
+            os.close(stdin)
+    assert exited is not None
+    if exited.peak_memory is None and sampled:
+        exited = Exited(exited.returncode, exited.cpu_time, sampled)
+    out, err = _text(b"".join(chunks[stdout])), _text(b"".join(chunks[stderr]))
+    return Outcome(out, err, None if timed_out else exited)
 
 
 def _own_peak() -> int:
@@ -237,38 +342,6 @@ def _high_water_mark(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
-
-
-def _reap(process: subprocess.Popen[bytes]) -> tuple[int, float, int]:
-    _, raw, rusage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(raw)
-    # ru_maxrss is in kilobytes on Linux
-    return process.returncode, rusage.ru_utime + rusage.ru_stime, rusage.ru_maxrss * 1024
-
-
-def _collect_portable(
-    process: subprocess.Popen[bytes], data: bytes | None, deadline: float | None
-) -> _Outcome:  # pragma: no cover - exercised only where pidfds do not exist
-    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-    try:
-        out, err = process.communicate(data, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        out, err = process.communicate()
-        return _text(out), _text(err), None, None, None
-    return _text(out), _text(err), process.returncode, None, None
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the command's process group while its leader is unreaped, then reap it.
-
-    Once the leader is reaped its pid could be reused, so the group is never
-    signalled after that.
-    """
-    if process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _text(data: bytes) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from collections import Counter
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from functools import partial
-from types import FrameType
+from types import FrameType, MappingProxyType
 from typing import Any, NoReturn
 
 import pytest
@@ -254,6 +255,10 @@ class IsolationSession:
                 f"{item.nodeid}: inside=True runs every test in a sandbox of its own; "
                 f"scope={spec.scope!r} cannot be shared with it (use scope='function')",
                 pytrace=False,
+            )
+        if not spec.options.get("inside"):  # --isolation-inside: the engine must know
+            spec = dataclasses.replace(
+                spec, options=MappingProxyType({**spec.options, "inside": True})
             )
         env = self._create(item, spec)
         self._users[env.id] = [item]

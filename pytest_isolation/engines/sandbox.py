@@ -1,13 +1,16 @@
-"""The ``sandbox`` engine: Linux namespaces plus cgroup limits, for every command.
+"""The ``sandbox`` engine: Linux namespaces plus cgroup limits, a security boundary.
 
-Each command runs in fresh PID, mount, UTS and IPC namespaces (and a network
-namespace with only loopback, unless ``network=True``; a user namespace when
-not root), under an init process that reaps zombies and takes everything
-down with it.  Inside, the root filesystem is read-only (``readonly_root``),
-``/tmp`` is the environment's own, and the workspace and HOME keep their host
-paths, read-write.  All commands of an environment share one cgroup per
-controller, beneath this process's own cgroup, which carries the memory, pids
-and cpu limits and is killed and removed at teardown.
+Each environment is a set of namespaces (mount, PID, UTS, IPC, cgroup, and a
+network namespace with only loopback unless ``network=True``) built by the
+sandbox's own init program, which is a fresh interpreter, never a copy of the
+runner.  Inside, the root file system is read-only (``readonly_root``), ``/dev``
+holds a few device nodes, ``/tmp`` is the environment's own, and the workspace
+and HOME keep their host paths, read-write.  Every process inside runs in a user
+namespace of its own that owns none of the others, with no capability, with
+no_new_privs and a seccomp filter; when the runner is root, root inside is uid
+65534 outside.  The environment's cgroups carry the memory, pids, cpu and I/O
+limits and are killed and removed at teardown; see docs/engines.md for the
+threat model.
 """
 
 from __future__ import annotations
@@ -15,26 +18,38 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import os
 import shlex
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, cast
 
-from ..errors import CommandTimeout, EngineUnavailable, InvalidSpec, ResourceLimitExceeded
-from ..execution import ExecResult, Usage, execute
+from ..errors import (
+    EngineUnavailable,
+    EnvironmentCreationError,
+    InvalidSpec,
+    IsolationError,
+    ResourceLimitExceeded,
+)
+from ..execution import ExecResult, Usage, collect
+from ..ledger import same_process
 from ..linux.cgroups import LIMIT_CONTROLLERS, CgroupSet, Counters, Layout, discover, kill_cgroup
 from ..linux.namespaces import (
     Mount,
-    MountTable,
+    Sandbox,
     SandboxConfig,
-    enter_sandbox,
-    pid_namespace_for_children,
-    probe,
+    SandboxError,
+    Zygote,
+    namespace_flags,
+    stop_init,
     user_namespaces_allowed,
 )
+from ..linux.seccomp import SeccompUnavailable, filter_program
 from ..spec import EnvSpec, Option, boolean, string
 from .base import Availability, Engine, EngineContext, Resources
 from .basic import LOCAL_OPTIONS, LocalEnvironment, make_root
@@ -92,7 +107,7 @@ SANDBOX_OPTIONS = MappingProxyType(
 
 
 class SandboxEnvironment(LocalEnvironment):
-    """A :class:`LocalEnvironment` whose commands run in namespaces under its cgroups."""
+    """A :class:`LocalEnvironment` whose commands run inside its sandbox, under its cgroups."""
 
     def __init__(
         self,
@@ -102,12 +117,17 @@ class SandboxEnvironment(LocalEnvironment):
         resources: Resources,
         root: Path,
         cgroups: CgroupSet,
-        config: SandboxConfig,
+        sandbox: Sandbox,
+        engine: SandboxEngine,
     ):
         self.cgroups = cgroups
-        self.config = config
-        self._inside = config
+        self.sandbox = sandbox
+        self._engine = engine
         super().__init__(env_id=env_id, spec=spec, resources=resources, root=root)
+
+    @property
+    def config(self) -> SandboxConfig:
+        return self.sandbox.config
 
     def _base_environ(self) -> dict[str, str]:
         environ = super()._base_environ()
@@ -125,25 +145,42 @@ class SandboxEnvironment(LocalEnvironment):
         cwd: str | os.PathLike[str] | None,
         input: str | bytes | None,
     ) -> ExecResult:
+        import time
+
         assert self.path is not None
-        config = dataclasses.replace(
-            self.config, cwd=str(self.path / cwd) if cwd is not None else None
-        )
+        directory = str(self.path / cwd) if cwd is not None else str(self.path)
+        data = input.encode() if isinstance(input, str) else input
         before = self.cgroups.counters()
-        environ = {**self.environ, **env}
+        started = time.monotonic()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r, in_w = os.pipe() if data is not None else (os.open(os.devnull, os.O_RDONLY), None)
         try:
-            result = execute(
-                argv,
-                env=environ,
-                input=input,
-                timeout=timeout,
-                # the environment's cgroup holds the command's processes for teardown already
-                on_spawn=None if self.cgroups.paths else self.resources.track_process,
-                preexec=functools.partial(enter_sandbox, config, argv, environ),
+            command = self.sandbox.spawn(
+                argv, {**self.environ, **env}, directory, stdin=in_r, stdout=out_w, stderr=err_w
             )
-        except CommandTimeout:
-            self.cgroups.kill_processes()
-            raise
+        except SandboxError as exc:
+            for fd in (out_r, err_r, in_w):
+                if fd is not None:
+                    os.close(fd)
+            raise IsolationError(f"sandbox {self.id}: {exc}") from None
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        try:
+            outcome = collect(
+                command,
+                stdin=in_w,
+                stdout=out_r,
+                stderr=err_r,
+                data=data,
+                deadline=None if timeout is None else started + timeout,
+            )
+        finally:
+            command.close()
+            os.close(out_r)
+            os.close(err_r)
+        result = outcome.result(argv, started, timeout)
         after = self.cgroups.counters()
         if after.peak_memory is not None:
             result = dataclasses.replace(result, peak_memory=after.peak_memory)
@@ -177,36 +214,13 @@ class SandboxEnvironment(LocalEnvironment):
             usage.peak_memory = peak
         return usage
 
-    @contextlib.contextmanager
-    def forking(self) -> Iterator[None]:
-        """Inside mode, in the parent around the fork: decide the child's mounts here, once
-        (pytest's working directory and import path visible, its temporary directories
-        writable), and as root let the fork itself enter a new PID namespace, which saves
-        the child a fork of its own."""
-        import glob
-        import tempfile
-
-        readonly = self.config.readonly_root
-        seen = [
-            Mount(d, d, readonly)
-            for d in dict.fromkeys((os.getcwd(), *sys.path))
-            if d and os.path.isdir(d)
-        ]
-        temp = [
-            Mount(d, d, readonly=False)
-            for d in glob.glob(os.path.join(tempfile.gettempdir(), "pytest-of-*"))
-        ]
-        mounts = (*self.config.mounts, *_outermost(seen), *temp)
-        self._inside = dataclasses.replace(self.config, cwd=os.getcwd(), mounts=mounts)
-        if self.config.user_namespace:
-            yield  # rootless: the PID namespace needs the user namespace, made in the child
-            return
-        with pid_namespace_for_children():
-            yield
+    def forking(self) -> contextlib.AbstractContextManager[None]:
+        """Inside mode, in the parent around the fork (see :meth:`Sandbox.forking`)."""
+        return self.sandbox.forking()
 
     def enter(self) -> None:
-        """Inside mode, in the forked child: go into the sandbox (see :meth:`forking`)."""
-        enter_sandbox(self._inside)
+        """Inside mode, in the forked child: become a process of the sandbox."""
+        self.sandbox.join(close=self._engine.descriptors())
 
     def explain_exit(self, status: int | None, timed_out: bool, error: str) -> str:
         counters = self.cgroups.counters()
@@ -227,26 +241,25 @@ class SandboxEnvironment(LocalEnvironment):
     def validate(self) -> list[str]:
         problems = super().validate()
         problems += [f"cgroup {d} is missing" for d in self.cgroups.directories() if not d.is_dir()]
+        if not same_process(self.sandbox.init, self._engine.started(self.sandbox.init)):
+            problems.append(f"the sandbox's init (pid {self.sandbox.init}) is gone")
         return problems
 
 
-def _interpreter_binds() -> list[Mount]:
-    """The running interpreter's environment (a virtualenv), read-only, where the private
-    /tmp would hide it: ``sys.executable`` keeps working inside."""
-    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix)}
-    return [Mount(p, p, readonly=True) for p in sorted(prefixes) if p.startswith("/tmp/")]
+def _interpreter() -> tuple[str, ...]:
+    """The running interpreter's installation and environment: ``sys.executable`` works
+    inside (read-only), also where the sandbox's uid could not reach it otherwise."""
+    paths = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
+    paths.add(os.path.dirname(os.path.realpath(sys.executable)))
+    return tuple(sorted(paths))
 
 
-def _outermost(mounts: list[Mount]) -> list[Mount]:
-    """Drop binds that lie inside another bind of the list (one bind shows them all)."""
-    keep: list[Mount] = []
-    for mount in sorted(mounts, key=lambda m: len(m.target)):
-        if not any(
-            m.target == mount.target or mount.target.startswith(m.target.rstrip("/") + "/")
-            for m in keep
-        ):
-            keep.append(mount)
-    return keep
+def _test_paths() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a test body run inside must read (the working directory and the import path)
+    and write (pytest's temporary directories)."""
+    readable = [d for d in dict.fromkeys((os.getcwd(), *sys.path)) if d and os.path.isdir(d)]
+    writable = glob.glob(os.path.join(tempfile.gettempdir(), "pytest-of-*"))
+    return tuple(os.path.realpath(p) for p in readable), tuple(writable)
 
 
 def _size(value: int | None) -> str:
@@ -262,17 +275,42 @@ class SandboxEngine(Engine):
     """Namespaces and cgroups around every command; optionally around the test itself."""
 
     name = "sandbox"
-    description = "Linux namespaces (pid, mount, net, uts, ipc; user when rootless) + cgroups"
+    description = (
+        "Linux namespaces (user, pid, mount, net, uts, ipc, cgroup), no capabilities, "
+        "seccomp, cgroup limits"
+    )
     options = SANDBOX_OPTIONS
     supported_limits = frozenset({"memory", "cpus", "pids", "timeout", "network"})
 
     def __init__(self, context: EngineContext) -> None:
         super().__init__(context)
         self._availability: Availability | None = None
+        self._zygote: Zygote | None = None
+        self._lock = threading.Lock()
+        self._shared = context.engine_resources(self.name, self.release)
+        self._live: dict[int, tuple[Sandbox, float]] = {}
 
     @functools.cached_property
     def layout(self) -> Layout:
         return discover()
+
+    def zygote(self) -> Zygote:
+        """The sandbox's zygote of this run, started on first use (and recorded)."""
+        with self._lock:
+            if self._zygote is None:
+                zygote = Zygote()
+                self._zygote = zygote
+                started = _started(zygote.pid)
+                self._shared.add("process", str(zygote.pid), started=started, group=True)
+            return self._zygote
+
+    def started(self, pid: int) -> float:
+        live = self._live.get(pid)
+        return live[1] if live else 0.0
+
+    def descriptors(self) -> list[int]:
+        """The descriptors of this run's sandboxes, which no test body may keep."""
+        return self._zygote.descriptors() if self._zygote is not None else []
 
     def availability(self) -> Availability:
         if self._availability is None:
@@ -287,13 +325,22 @@ class SandboxEngine(Engine):
                 fix="use the docker engine",
             )
         rootless = os.geteuid() != 0
-        if rootless and (why := user_namespaces_allowed()):
+        if why := user_namespaces_allowed():
             return Availability(
                 False,
-                reason=f"not root, and {why}",
-                fix="enable user namespaces (sysctl) or run as root",
+                reason=why,
+                fix="enable user namespaces (sysctl), which the sandbox needs also as root",
             )
-        failure = probe(SandboxConfig(workspace="/", private_tmp="/tmp", user_namespace=rootless))
+        try:
+            program = filter_program()
+        except SeccompUnavailable as exc:
+            return Availability(False, reason=f"no seccomp filter: {exc}")
+        try:
+            failure = self.zygote().probe(
+                namespace_flags(network=False, rootless=rootless), rootless, program
+            )
+        except SandboxError as exc:
+            failure = str(exc)
         if failure:
             need = "CAP_SYS_ADMIN" if not rootless else "user namespaces"
             return Availability(
@@ -302,7 +349,7 @@ class SandboxEngine(Engine):
                 fix=f"run where {need} is available (a container may need "
                 "--privileged or a seccomp profile that allows unshare)",
             )
-        mode = "rootless, user namespace" if rootless else "root"
+        mode = "rootless" if rootless else "root (uid 65534 inside)"
         return Availability(True, detail=f"{mode}; cgroups: {self.layout.describe()}")
 
     @classmethod
@@ -339,25 +386,74 @@ class SandboxEngine(Engine):
             resources.add("cgroup", str(directory))
         cgroups.create()
         cgroups.apply(spec.limits)
-        network = spec.limits.network is True
+        inside = bool(spec.options.get("inside"))
+        readable, writable = _test_paths() if inside else ((), ())
         config = SandboxConfig(
             workspace=str(root / "workspace"),
             home=str(root / "home"),
             private_tmp=str(root / "tmp"),
             hostname=cast("str", spec.options["hostname"]),
-            network=network,
+            network=spec.limits.network is True,
             readonly_root=cast("bool", spec.options["readonly_root"]),
-            user_namespace=os.geteuid() != 0,
-            mounts=(*cast("tuple[Mount, ...]", spec.options["mounts"]), *_interpreter_binds()),
+            mounts=cast("tuple[Mount, ...]", spec.options["mounts"]),
+            needed=_interpreter() + readable,
+            writable=writable,
             cgroup_procs=cgroups.procs_files(),
-            mounts_before=MountTable(),
+            inside=inside,
         )
+        try:
+            sandbox = self.zygote().create(config, filter_program())
+        except (SandboxError, SeccompUnavailable) as exc:
+            raise EnvironmentCreationError(self.name, str(exc)) from None
+        started = _started(sandbox.init)
+        self._live[sandbox.init] = (sandbox, started)
+        resources.add("sandbox", str(sandbox.init), started=started, outer=sandbox.outer)
         return SandboxEnvironment(
-            env_id=env_id, spec=spec, resources=resources, root=root, cgroups=cgroups, config=config
+            env_id=env_id,
+            spec=spec,
+            resources=resources,
+            root=root,
+            cgroups=cgroups,
+            sandbox=sandbox,
+            engine=self,
         )
 
     def release(self, record: ResourceRecord) -> None:
         if record.kind == "cgroup":
             kill_cgroup(Path(record.identifier))
+        elif record.kind == "sandbox":
+            self._stop(record)
         else:
             super().release(record)
+
+    def _stop(self, record: ResourceRecord) -> None:
+        pid = int(record.identifier)
+        live = self._live.pop(pid, None)
+        if live is not None:
+            sandbox = live[0]
+            if self._zygote is not None:
+                self._zygote.sandboxes.discard(sandbox)
+            sandbox.stop()
+            return
+        started = record.data.get("started")
+        if isinstance(started, int | float) and same_process(pid, float(started)):
+            stop_init(pid)
+
+    def close(self) -> None:
+        for pid, (sandbox, _) in list(self._live.items()):
+            with contextlib.suppress(OSError):
+                sandbox.stop()
+            self._live.pop(pid, None)
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
+        self._shared.release_all()
+
+
+def _started(pid: int) -> float:
+    from ..ledger import process_started
+
+    started = process_started(pid)
+    if started is None:
+        raise EnvironmentCreationError("sandbox", f"the sandbox's process {pid} is gone")
+    return started

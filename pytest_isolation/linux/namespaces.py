@@ -1,148 +1,74 @@
-"""Linux namespaces from Python: the plumbing of the sandbox engine.
+"""Linux namespaces for the sandbox engine: the runner's side.
 
-A sandboxed command runs as a chain of three processes::
+Every sandbox process comes from a **zygote**, a fresh interpreter started once
+per runner with an empty environment (see :mod:`.sandbox_init`): no process
+of a sandbox is a copy of the runner, so none holds its memory, environment
+variables or open files.  For each environment the zygote forks a process
+that builds the namespaces, and an init (PID 1 inside) that sets up the file
+system view, enters the sandbox's own user namespace with no capability, with
+no_new_privs and the seccomp filter, and from then on starts the commands::
 
-    outer   forked from the caller: joins the cgroups, unshares the namespaces
-            (with a user namespace when not root), forks init, waits for it and
-            exits with its status
-    init    PID 1 of the new PID namespace: sets up mounts, hostname and
-            loopback, spawns the command, reaps every zombie and exits with the
-            command's status; when it exits, the kernel kills everything inside
-    command spawned with ``posix_spawn``, which copies no memory of the caller
+    runner ──control──▶ zygote ──fork──▶ outer ──fork──▶ init (PID 1) ──▶ shepherd ──▶ command
 
-The outer process and init have ``PR_SET_PDEATHSIG`` set, so a dying parent
-takes the chain down.  Only the standard library is used, through ``ctypes`` for the few
-system calls Python lacks before 3.12.
+The sandbox's user namespace owns none of the other namespaces, so even its
+root can change nothing of the mounts, the network or the host name; when the
+runner is root, root inside is uid 65534 (``nobody``) outside, and the
+environment's own directories are idmapped so that the host sees their files
+as root's.  Rootless, the same structure sits in a user namespace of the
+runner's own uid.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import ctypes
-import errno
-import fcntl
-import functools
 import os
-import re
-import signal
+import select
 import socket
-import struct
-from collections.abc import Iterator, Mapping, Sequence
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
+from . import sandbox_init
+from .sandbox_init import enter_user_namespace, harden
+from .syscalls import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    CLONE_NEWUTS,
+    set_parent_death_signal,
+    setns,
+)
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-MS_RELATIME = 0x200000
-MS_STRICTATIME = 0x1000000
+#: The uid (and gid) that root inside a sandbox is outside, when the runner is root.
+SANDBOX_UID = 65534
+#: Where the sandbox's private temporary directory is mounted.
+TMP = "/tmp"
+#: Directories hidden behind an empty, read-only tmpfs: per-user runtime directories
+#: (session buses, agents, rootless container sockets).
+MASKED_DIRECTORIES = ("/run/user",)
+#: Seconds an environment's processes get to start, and to be gone at teardown.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
 
-PR_SET_PDEATHSIG = 1
-_SIOCGIFFLAGS = 0x8913
-_SIOCSIFFLAGS = 0x8914
-_IFF_UP = 0x1
-
-#: mount options that a user namespace may not clear on a mount it inherited
-_LOCKED_FLAGS = {
-    "nosuid": MS_NOSUID,
-    "nodev": MS_NODEV,
-    "noexec": MS_NOEXEC,
-    "noatime": MS_NOATIME,
-    "nodiratime": MS_NODIRATIME,
-    "relatime": MS_RELATIME,
-    "strictatime": MS_STRICTATIME,
-}
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); import sandbox_init; sandbox_init.boot()"
 
 
-@functools.cache
-def _c() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"{what}: {os.strerror(code)}")
-
-
-def unshare(flags: int) -> None:
-    _check(_c().unshare(flags), "unshare")
-
-
-def mount(
-    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
-) -> None:
-    def b(text: str | None) -> bytes | None:
-        return None if text is None else os.fsencode(text)
-
-    _check(
-        _c().mount(b(source), b(target), b(fstype), ctypes.c_ulong(flags), b(data)),
-        f"mount {target}",
-    )
-
-
-def sethostname(name: str) -> None:
-    raw = name.encode()
-    _check(_c().sethostname(raw, len(raw)), "sethostname")
-
-
-def set_parent_death_signal(signum: int = signal.SIGKILL) -> None:
-    _check(_c().prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
-
-
-def loopback_up() -> None:
-    """Bring ``lo`` up in the current network namespace."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("16sH", b"lo", 0)
-        flags = struct.unpack("16sH", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
-
-
-@contextlib.contextmanager
-def pid_namespace_for_children() -> Iterator[None]:
-    """Make the next fork of this thread PID 1 of a new PID namespace (root only), then
-    return this thread's children to its own PID namespace."""
-    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    caller = os.getpid()
-    try:
-        unshare(CLONE_NEWPID)
-        try:
-            yield
-        finally:
-            if os.getpid() == caller:  # not in the child, which leaves this block too
-                _check(_c().setns(own, CLONE_NEWPID), "setns")
-    finally:
-        os.close(own)
-
-
-def write_id_maps(uid: int, gid: int) -> None:
-    """Map ``uid``/``gid`` outside to root inside a user namespace we just entered."""
-    with open("/proc/self/setgroups", "w") as handle:
-        handle.write("deny")
-    with open("/proc/self/uid_map", "w") as handle:
-        handle.write(f"0 {uid} 1")
-    with open("/proc/self/gid_map", "w") as handle:
-        handle.write(f"0 {gid} 1")
+class SandboxError(OSError):
+    """The sandbox's processes could not be started or reached; says why."""
 
 
 @dataclass(frozen=True)
 class Mount:
-    """An extra bind mount: ``source`` on the host at ``target`` inside."""
+    """A bind: ``source`` on the host at ``target`` inside."""
 
     source: str
     target: str
@@ -151,32 +77,524 @@ class Mount:
 
 @dataclass(frozen=True)
 class SandboxConfig:
-    """Everything the outer and init processes need; plain data, decided before forking."""
+    """What one sandbox is made of; plain data, decided by the engine.
+
+    ``needed`` are host paths the sandbox must be able to read (the interpreter,
+    and for a test body its import path) and ``writable`` those it may write
+    besides its own directories (pytest's temporary directories); ``mounts`` are
+    the user's binds, applied last.
+    """
 
     workspace: str
+    home: str
     private_tmp: str
-    tmp_mountpoint: str = "/tmp"
-    home: str | None = None
-    cwd: str | None = None
     hostname: str = "sandbox"
     network: bool = False
     readonly_root: bool = True
-    user_namespace: bool = False
     mounts: tuple[Mount, ...] = ()
+    needed: tuple[str, ...] = ()
+    writable: tuple[str, ...] = ()
     cgroup_procs: tuple[str, ...] = ()
-    #: the caller's mount table, read before forking (see :func:`mount_table`)
-    mounts_before: MountTable | None = field(default=None, compare=False)
-    uid: int = field(default_factory=os.getuid)
-    gid: int = field(default_factory=os.getgid)
+    inside: bool = False
+    rootless: bool = field(default_factory=lambda: os.geteuid() != 0)
 
     @property
-    def flags(self) -> int:
-        flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID
-        if not self.network:
-            flags |= CLONE_NEWNET
-        if self.user_namespace:
-            flags |= CLONE_NEWUSER
-        return flags
+    def map_to(self) -> int:
+        """The uid root inside is in the namespace the sandbox is made in."""
+        return 0 if self.rootless else SANDBOX_UID
+
+    def message(self, seccomp: bytes) -> dict[str, Any]:
+        """The JSON-ready configuration the sandbox's init reads."""
+        binds = self.binds()
+        return {
+            "workspace": self.workspace,
+            "home": self.home,
+            "private_tmp": self.private_tmp,
+            "tmp_mountpoint": TMP,
+            "hostname": self.hostname,
+            "network": self.network,
+            "readonly_root": self.readonly_root,
+            "rootless": self.rootless,
+            "uid": os.geteuid(),
+            "gid": os.getegid(),
+            "map_to": self.map_to,
+            "idmap": not self.rootless,
+            "binds": [
+                {"source": b.source, "target": b.target, "readonly": b.readonly} for b in binds
+            ],
+            "skeletons": [] if self.rootless else skeletons(b.target for b in binds),
+            "masked_dirs": list(MASKED_DIRECTORIES),
+            "masked_sockets": unix_sockets(exclude=(TMP, *MASKED_DIRECTORIES)),
+            "cgroup_procs": list(self.cgroup_procs),
+            "inside": self.inside,
+            "seccomp": base64.b64encode(seccomp).decode(),
+        }
+
+    def binds(self) -> list[Mount]:
+        """Every bind, in the order made: the environment's own and what the sandbox needs
+        (outer before inner), then the user's ``mounts``."""
+        automatic = [
+            Mount(self.workspace, self.workspace, False),
+            Mount(self.home, self.home, False),
+        ]
+        automatic += [Mount(p, p, False) for p in self.writable]
+        for path in self.needed:
+            if _within(path, TMP) or (not self.rootless and not reachable(path, SANDBOX_UID)):
+                automatic.append(Mount(path, path, True))
+        kept: list[Mount] = []
+        for bind in sorted(automatic, key=lambda m: m.target.count("/")):
+            covered = [m for m in kept if _within(bind.target, m.target)]
+            # a read-only path under a writable bind is shown by it; the reverse is kept
+            if any(m.readonly == bind.readonly or not m.readonly for m in covered):
+                continue
+            kept.append(bind)
+        return kept + list(self.mounts)
+
+
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _may(info: os.stat_result, uid: int, bits: int) -> bool:
+    """Whether ``uid`` (with that gid and no other group) has ``bits`` (r=4, w=2, x=1)."""
+    if info.st_uid == uid:
+        mode = info.st_mode >> 6
+    elif info.st_gid == uid:
+        mode = info.st_mode >> 3
+    else:
+        mode = info.st_mode
+    return mode & bits == bits
+
+
+def reachable(path: str, uid: int) -> bool:
+    """Whether ``uid`` could read ``path``: every directory above passable, the path
+    itself readable (and, a directory, listable)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    if not _may(info, uid, 5 if stat.S_ISDIR(info.st_mode) else 4):
+        return False
+    return blocked_ancestor(path, uid) is None
+
+
+def blocked_ancestor(path: str, uid: int) -> str | None:
+    """The outermost directory above ``path`` that ``uid`` may not pass through."""
+    parts = Path(path).parts
+    for depth in range(2, len(parts)):
+        directory = os.path.join(*parts[:depth])
+        try:
+            info = os.stat(directory)
+        except OSError:
+            return None  # not there: a mount point will be made, nothing to pass through
+        if not _may(info, uid, 1):
+            return directory
+    return None
+
+
+def skeletons(targets: Iterable[str]) -> list[str]:
+    """The directories to cover with a tmpfs holding only the mount points bound into
+    them: the outermost ones above ``targets`` (outside the private /tmp) that the
+    sandbox's uid may not pass through, such as ``/root`` above an interpreter."""
+    found: list[str] = []
+    for target in targets:
+        if _within(target, TMP):
+            continue
+        blocked = blocked_ancestor(target, SANDBOX_UID)
+        if blocked is not None and not any(_within(blocked, f) for f in found):
+            found = [f for f in found if not _within(f, blocked)] + [blocked]
+    return sorted(found)
+
+
+def unix_sockets(exclude: Sequence[str]) -> list[str]:
+    """Paths of the listening Unix sockets of this network namespace (``/proc/net/unix``),
+    but those under ``exclude``: what the sandbox must not connect to."""
+    paths: set[str] = set()
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+            next(table, None)
+            for line in table:
+                fields = line.split(maxsplit=7)
+                if len(fields) == 8 and fields[7].startswith("/"):
+                    paths.add(fields[7].rstrip("\n"))
+    except OSError:
+        return []
+    return sorted(p for p in paths if not any(_within(p, d) for d in exclude))
+
+
+# --- the zygote --------------------------------------------------------------------------------
+
+
+class Zygote:
+    """The runner's handle on its zygote: started on first use, one per engine."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        here = str(Path(sandbox_init.__file__).parent)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", "-c", _BOOT, here, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                env={},
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # no terminal's signals, its own process group
+            )
+        finally:
+            theirs.close()
+        self._control = ours
+        self._lock = threading.Lock()
+        self.sandboxes: set[Sandbox] = set()
+        reply = self._reply(START_TIMEOUT)
+        if reply.get("hello") is not True:
+            raise SandboxError(f"the sandbox's zygote did not start: {reply}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _reply(self, timeout: float) -> dict[str, Any]:
+        ready, _, _ = select.select([self._control], [], [], timeout)
+        message, fds = sandbox_init.receive(self._control) if ready else (None, [])
+        for fd in fds:
+            os.close(fd)
+        if message is None:
+            self.process.poll()
+            error = b""
+            if self.process.stderr is not None and self.process.returncode is not None:
+                error = self.process.stderr.read()
+            raise SandboxError(
+                f"the sandbox's zygote ({sys.executable}) "
+                + ("did not answer" if not ready else f"exited: {error.decode(errors='replace')}")
+            )
+        return message
+
+    def _request(self, message: dict[str, Any]) -> socket.socket:
+        """Send ``message`` with a new socket whose other end the zygote's child gets."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self._lock:
+                sandbox_init.send(self._control, message, [theirs.fileno()])
+                reply = self._reply(START_TIMEOUT)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        if "error" in reply:
+            ours.close()
+            raise SandboxError(f"the sandbox's zygote: {reply['error']}")
+        return ours
+
+    def probe(self, flags: int, rootless: bool, seccomp: bytes | None) -> str | None:
+        """Try these namespaces (and the filter) in a throw-away process; the failure, if any."""
+        message = {
+            "op": "probe",
+            "flags": flags,
+            "rootless": rootless,
+            "uid": os.geteuid(),
+            "gid": os.getegid(),
+            "seccomp": base64.b64encode(seccomp).decode() if seccomp else None,
+        }
+        with contextlib.closing(self._request(message)) as sock:
+            answer = _receive_within(sock, START_TIMEOUT)
+        return None if answer.get("ok") else str(answer.get("error", "no answer"))
+
+    def create(self, config: SandboxConfig, seccomp: bytes) -> Sandbox:
+        """Start a sandbox of ``config``; raises :class:`SandboxError` with the reason."""
+        sock = self._request({"op": "create", "config": config.message(seccomp)})
+        try:
+            sandbox = Sandbox._started(sock, config, seccomp)
+        except BaseException:
+            sock.close()
+            raise
+        self.sandboxes.add(sandbox)
+        return sandbox
+
+    def close(self) -> None:
+        """End the zygote; it kills whatever sandbox is still running."""
+        self._control.close()
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def descriptors(self) -> list[int]:
+        """Every descriptor of this zygote and its sandboxes that a forked child must close."""
+        fds = [self._control.fileno()]
+        for sandbox in list(self.sandboxes):
+            fds += sandbox.descriptors()
+        return [fd for fd in fds if fd >= 0]
+
+
+def _receive_within(sock: socket.socket, timeout: float) -> dict[str, Any]:
+    ready, _, _ = select.select([sock], [], [], timeout)
+    if not ready:
+        raise SandboxError(f"the sandbox did not answer within {timeout:g}s")
+    message, fds = sandbox_init.receive(sock)
+    for fd in fds:
+        os.close(fd)
+    if message is None:
+        raise SandboxError("the sandbox's processes ended before answering")
+    return message
+
+
+# --- one sandbox -------------------------------------------------------------------------------
+
+
+class Sandbox:
+    """One running sandbox: its init's control socket, its pids, its namespaces."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        config: SandboxConfig,
+        seccomp: bytes,
+        *,
+        outer: int,
+        init: int,
+        idmapped: bool,
+        namespaces: list[int],
+    ) -> None:
+        self._sock = sock
+        self.config = config
+        self.seccomp = seccomp
+        self.outer = outer
+        self.init = init
+        self.idmapped = idmapped
+        self.namespaces = namespaces
+        self._lock = threading.Lock()
+        self._own_pid_namespace: int | None = None
+
+    @classmethod
+    def _started(cls, sock: socket.socket, config: SandboxConfig, seccomp: bytes) -> Sandbox:
+        deadline = time.monotonic() + START_TIMEOUT
+        pids: dict[str, Any] = {}
+        ready: dict[str, Any] | None = None
+        namespaces: list[int] = []
+        while ready is None or not pids:
+            wait = deadline - time.monotonic()
+            readable, _, _ = select.select([sock], [], [], max(0.0, wait))
+            if not readable:
+                raise SandboxError(f"the sandbox did not start within {START_TIMEOUT:g}s")
+            message, fds = sandbox_init.receive(sock)
+            if message is None:
+                raise SandboxError("the sandbox's processes ended while starting")
+            if "error" in message:
+                for fd in fds:
+                    os.close(fd)
+                raise SandboxError(str(message["error"]))
+            if message.get("ready"):
+                ready, namespaces = message, fds
+            elif "init" in message:
+                pids = message
+        return cls(
+            sock,
+            config,
+            seccomp,
+            outer=int(pids["outer"]),
+            init=int(pids["init"]),
+            idmapped=bool(ready.get("idmapped")),
+            namespaces=namespaces,
+        )
+
+    def descriptors(self) -> list[int]:
+        return [self._sock.fileno(), *self.namespaces]
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str],
+        cwd: str,
+        *,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+    ) -> RemoteCommand:
+        """Start ``argv`` inside with the given descriptors as its standard streams."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self._lock:
+                sandbox_init.send(
+                    self._sock,
+                    {"argv": list(argv), "env": env, "cwd": cwd},
+                    [stdin, stdout, stderr, theirs.fileno()],
+                )
+        except OSError as exc:
+            ours.close()
+            raise SandboxError(f"the sandbox's init is gone: {exc}") from exc
+        finally:
+            theirs.close()
+        return RemoteCommand(ours)
+
+    def stop(self) -> None:
+        """Kill everything inside (init takes its PID namespace along) and wait until it is
+        all gone; close every descriptor."""
+        self._sock.close()
+        for fd in self.namespaces:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.namespaces = []
+        stop_init(self.init, self.outer)
+
+    # --- the test body inside (inside mode) ---
+
+    @contextlib.contextmanager
+    def forking(self) -> Iterator[None]:
+        """Around the fork of a test body: as root, let the fork itself land in the
+        sandbox's PID namespace (one fork of a large process fewer)."""
+        if self.config.rootless:
+            yield
+            return
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        caller = os.getpid()
+        try:
+            setns(self._namespace("pid"), CLONE_NEWPID)
+            try:
+                yield
+            finally:
+                if os.getpid() == caller:  # not in the child, which leaves this block too
+                    setns(own, CLONE_NEWPID)
+        finally:
+            os.close(own)
+
+    def _namespace(self, kind: str) -> int:
+        kinds = (["user"] if self.config.rootless else []) + [
+            "mnt",
+            "net",
+            "uts",
+            "ipc",
+            "cgroup",
+            "pid",
+            "sandbox",
+        ]
+        return self.namespaces[kinds.index(kind)]
+
+    def join(self, close: Iterable[int] = ()) -> None:
+        """In a freshly forked child of the runner: become a process of this sandbox, as its
+        commands are (same namespaces, cgroups, credentials, no capability, the filter).
+
+        Closes ``close`` (the runner's descriptors of its sandboxes) first.  Rootless,
+        the child forks once more to enter the PID namespace and returns in the
+        grandchild; the child waits for it and exits with its status.
+        """
+        os.setsid()  # one process group for the test and what it starts, killable at once
+        cwd = os.getcwd()
+        keep = set(self.namespaces)
+        for fd in close:
+            if fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        for procs in self.config.cgroup_procs:
+            with open(procs, "w") as handle:
+                handle.write("0")
+        if self.config.rootless:
+            setns(self._namespace("user"), CLONE_NEWUSER)
+        for kind in ("mnt", "net", "uts", "ipc", "cgroup"):
+            setns(self._namespace(kind))
+        if self.config.rootless:
+            setns(self._namespace("pid"), CLONE_NEWPID)
+            child = os.fork()
+            if child:
+                _wait_and_exit(child)
+        enter_user_namespace(self._namespace("sandbox"), drop_groups=not self.config.rootless)
+        for fd in self.namespaces:
+            os.close(fd)
+        set_parent_death_signal()
+        harden(self.seccomp)
+        try:
+            os.chdir(cwd)  # joining the mount namespace moved it to "/"
+        except OSError:
+            os.chdir(self.config.workspace)
+
+
+def _wait_and_exit(child: int) -> None:
+    os.closerange(3, 1 << 16)  # the parent's pipes are the grandchild's now
+    while True:
+        with contextlib.suppress(InterruptedError):
+            _, status = os.waitpid(child, 0)
+            os._exit(
+                os.waitstatus_to_exitcode(status) & 0xFF
+                if os.WIFEXITED(status)
+                else 128 + os.WTERMSIG(status)
+            )
+
+
+def stop_init(init: int, outer: int | None = None, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGKILL a sandbox's init and wait until its PID namespace is empty."""
+    try:
+        pidfd = os.pidfd_open(init)
+    except ProcessLookupError:
+        return
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, 9)
+        # readable once init has exited, which is after every process inside is gone
+        select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+
+
+class RemoteCommand:
+    """A command the sandbox's init started (see :class:`pytest_isolation.execution.Running`)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def exit_fd(self) -> int:
+        return self._sock.fileno()
+
+    def poll(self) -> Any:
+        from ..execution import Exited
+
+        try:
+            message, fds = sandbox_init.receive(self._sock)
+        except OSError:
+            message, fds = None, []
+        for fd in fds:
+            os.close(fd)
+        if message is None:
+            return Exited(126)  # the sandbox is gone (torn down while the command ran)
+        if "status" not in message:
+            return None
+        cpu, peak = message.get("cpu"), message.get("peak")
+        return Exited(
+            int(message["status"]),
+            float(cpu) if isinstance(cpu, int | float) else None,
+            int(peak) if isinstance(peak, int) and peak > 0 else None,
+        )
+
+    def wait(self) -> Any:
+        while True:
+            select.select([self._sock], [], [])
+            ended = self.poll()
+            if ended is not None:
+                return ended
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            sandbox_init.send(self._sock, {"kill": True})
+
+    def sample_peak(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def namespace_flags(*, network: bool, rootless: bool) -> int:
+    """The clone flags a sandbox is made with."""
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
+    if not network:
+        flags |= CLONE_NEWNET
+    if rootless:
+        flags |= CLONE_NEWUSER
+    return flags
 
 
 def user_namespaces_allowed() -> str | None:
@@ -187,229 +605,18 @@ def user_namespaces_allowed() -> str | None:
         limit = 1
     if limit == 0:
         return "user namespaces are disabled (sysctl user.max_user_namespaces = 0)"
-    try:
-        if Path("/proc/sys/kernel/unprivileged_userns_clone").read_text().strip() == "0":
+    with contextlib.suppress(OSError):
+        setting = Path("/proc/sys/kernel/unprivileged_userns_clone").read_text().strip()
+        if setting == "0" and os.geteuid() != 0:
             return (
                 "unprivileged user namespaces are disabled "
                 "(sysctl kernel.unprivileged_userns_clone = 0)"
             )
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         restricted = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").read_text()
-        if restricted.strip() == "1":
+        if restricted.strip() == "1" and os.geteuid() != 0:
             return (
                 "AppArmor restricts unprivileged user namespaces "
                 "(sysctl kernel.apparmor_restrict_unprivileged_userns = 1)"
             )
-    except OSError:
-        pass
     return None
-
-
-def probe(config: SandboxConfig) -> str | None:
-    """Try the namespaces of ``config`` in a throw-away child; ``None`` if they work."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        os.close(read)
-        try:
-            unshare(config.flags)
-            if config.user_namespace:
-                write_id_maps(config.uid, config.gid)
-            os._exit(0)
-        except BaseException as exc:
-            os.write(write, str(exc).encode()[:1000])
-            os._exit(1)
-    os.close(write)
-    with os.fdopen(read, "rb") as handle:
-        message = handle.read().decode()
-    os.waitpid(pid, 0)
-    return message or None
-
-
-# --- the process chain -------------------------------------------------------------------------
-
-
-def enter_sandbox(
-    config: SandboxConfig, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
-) -> None:
-    """Put a freshly forked child (the outer process) into the sandbox of ``config``.
-
-    With ``argv``, never returns: init spawns the command (``posix_spawn``,
-    no copy of the caller's memory) and reaps until it is gone; its status
-    comes back as the outer process's exit status (a death by signal as
-    128 + signal).  Without ``argv``, returns in init itself, PID 1 inside
-    every namespace, to run Python code there (the test body): one fork fewer
-    of a large process, and when that code ends, everything it left dies.
-    """
-    try:
-        with contextlib.suppress(PermissionError):  # already leads one when run by subprocess
-            os.setsid()  # one process group for the chain, so it can be killed at once
-        set_parent_death_signal()
-        for procs in config.cgroup_procs:
-            with open(procs, "w") as handle:
-                handle.write("0")  # "0" is the writing process itself
-        born_init = os.getpid() == 1  # forked into a new PID namespace by the caller
-        unshare(config.flags & ~CLONE_NEWPID if born_init else config.flags)
-        if config.user_namespace:
-            write_id_maps(config.uid, config.gid)
-    except BaseException as exc:
-        _die(f"entering the sandbox failed: {exc}", 125)
-    if not born_init:
-        init = os.fork()
-        if init:
-            _release_fds()
-            _wait_and_exit(init)
-    try:  # PID 1 from here on
-        set_parent_death_signal()
-        _setup_mounts(config)
-        sethostname(config.hostname)
-        if not config.network:
-            loopback_up()
-        os.chdir(config.cwd or config.workspace)
-    except BaseException as exc:
-        _die(f"setting up the sandbox failed: {exc}", 125)
-    if argv is None:
-        return
-    try:
-        command = os.posix_spawnp(
-            argv[0], list(argv), dict(env or {}), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)
-        )
-    except OSError as exc:
-        _die(f"{argv[0]}: {exc.strerror}", 127 if exc.errno == errno.ENOENT else 126)
-    _release_fds()
-    _reap_until(command)
-
-
-def _die(message: str, status: int) -> NoReturn:
-    with contextlib.suppress(OSError):
-        os.write(2, f"pytest-isolation sandbox: {message}\n".encode())
-    os._exit(status)
-
-
-def _release_fds() -> None:
-    # A waiting process must not hold the caller's pipes (stdout, stderr, the error pipe
-    # of subprocess), or the caller would wait for their EOF instead of the command's.
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.closerange(3, 1 << 20)
-
-
-def _wait_and_exit(child: int) -> NoReturn:
-    while True:
-        with contextlib.suppress(InterruptedError):
-            _, status = os.waitpid(child, 0)
-            os._exit(exit_code(status))
-
-
-def _reap_until(command: int) -> NoReturn:
-    """PID 1: reap every orphan, not only the command; leave with the command."""
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(command, signal.SIGKILL))
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            os._exit(0)
-        except InterruptedError:
-            continue
-        if pid == command:
-            os._exit(exit_code(status))
-
-
-def exit_code(status: int) -> int:
-    """An exit status, with a death by signal as 128 + signal, the way shells report it."""
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
-
-
-# --- mounts ---------------------------------------------------------------------------------
-
-
-_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-class MountTable:
-    """The mount table, to find each path's mount and its locked flags.
-
-    Read when an environment is made, before any fork: a new mount namespace
-    starts as a copy of the caller's, so every command's child can use it
-    instead of reading and parsing it again.
-    """
-
-    def __init__(self) -> None:
-        self.points: list[tuple[str, set[str]]] = []
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                fields = line.split()
-                target = _ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields[4])  # \040: a space
-                self.points.append((target, set(fields[5].split(","))))
-
-    def options(self, path: str) -> set[str]:
-        holders = [(point, options) for point, options in self.points if _within(path, point)]
-        return max(holders, key=lambda item: len(item[0]))[1] if holders else set()
-
-    def locked(self, path: str) -> int:
-        """Flags of the mount holding ``path`` that a user namespace may not clear."""
-        options = self.options(path)
-        return sum(flag for name, flag in _LOCKED_FLAGS.items() if name in options)
-
-
-def _within(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
-def _bind(source: str, target: str, *, readonly: bool, locked: int) -> None:
-    mount(source, target, None, MS_BIND | MS_REC)
-    # a bind takes the flags of its source's mount; set ours, keeping the locked ones
-    mount(None, target, None, MS_BIND | MS_REMOUNT | (MS_RDONLY if readonly else 0) | locked)
-
-
-def _setup_mounts(config: SandboxConfig) -> None:
-    """Private propagation; the root read-only (optionally); the binds (workspace and HOME
-    read-write at their own paths, then ``mounts``); the private tmp at ``/tmp``; a fresh
-    ``/proc``, ``/sys`` (with its own network) and ``/dev/shm``."""
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    table = config.mounts_before or MountTable()
-    binds = [Mount(d, d, readonly=False) for d in (config.workspace, config.home) if d]
-    binds += config.mounts
-    carried = [b for b in binds if _within(b.target, config.tmp_mountpoint)]
-    for bind in carried:
-        # /tmp is about to be covered by the private tmp: put what must appear under /tmp
-        # inside the private tmp first, at the path it has outside.
-        inner = os.path.join(
-            config.private_tmp, os.path.relpath(bind.target, config.tmp_mountpoint)
-        )
-        if os.path.isdir(bind.source):
-            os.makedirs(inner, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(inner), exist_ok=True)
-            open(inner, "ab").close()
-        _bind(bind.source, inner, readonly=bind.readonly, locked=table.locked(bind.source))
-    if config.readonly_root:
-        for target, options in table.points:
-            if "ro" in options or _within(target, "/proc"):
-                continue
-            flags = MS_BIND | MS_REMOUNT | MS_RDONLY | table.locked(target)
-            with contextlib.suppress(OSError):  # mounts this namespace may not change stay
-                mount(None, target, None, flags)
-    for bind in binds:
-        if bind not in carried:
-            _bind(
-                bind.source, bind.target, readonly=bind.readonly, locked=table.locked(bind.source)
-            )
-    _bind(
-        config.private_tmp,
-        config.tmp_mountpoint,
-        readonly=False,
-        locked=table.locked(config.private_tmp),
-    )
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    if not config.network:
-        # /sys shows the network namespace of whoever mounted it: the host's devices
-        mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    if os.path.isdir("/dev/shm"):
-        # POSIX shared memory of its own, writable also under a read-only root
-        mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
