@@ -109,7 +109,9 @@ class Limits:
     ``network``, the engine's default).
 
     ``memory`` and ``disk`` are bytes, ``cpus`` a number of CPUs, ``pids`` the
-    maximum number of processes, ``timeout`` the seconds any one command may run.
+    maximum number of processes, ``timeout`` the seconds any one command may run,
+    ``io_weight`` a proportional share of block I/O from 100 to 1000 (the kernel's
+    default is 100).
     """
 
     memory: int | None = None
@@ -118,6 +120,7 @@ class Limits:
     timeout: float | None = None
     disk: int | None = None
     network: bool | None = None
+    io_weight: int | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -151,6 +154,7 @@ class Limits:
             "cpus": _parse_cpus,
             "pids": _parse_pids,
             "network": parse_bool,
+            "io_weight": _parse_io_weight,
         }
         parsed: dict[str, Any] = {}
         for name, raw in value.items():
@@ -191,6 +195,21 @@ def _parse_pids(value: object) -> int:
     if pids <= 0:
         raise ValueError(f"pids must be positive, got {value!r}")
     return pids
+
+
+IO_WEIGHTS = range(100, 1001)
+
+
+def _parse_io_weight(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a whole number from 100 to 1000, got {value!r}")
+    try:
+        weight = int(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number from 100 to 1000, got {value!r}") from None
+    if weight not in IO_WEIGHTS:
+        raise ValueError(f"io_weight must be from 100 to 1000, got {value!r}")
+    return weight
 
 
 # --- options ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import TypeVar
 import pytest
 
 from pytest_isolation.ledger import Ledger
+from tests.rootless import Rootless, make_rootless
 
 T = TypeVar("T")
 
@@ -185,3 +186,9 @@ def other_interpreter() -> Path | None:
         if Path(candidate).resolve() != current:
             return Path(candidate)
     return None
+
+
+@pytest.fixture(scope="session")
+def rootless() -> Iterator[Rootless]:
+    """A world-readable copy of the plugin and pytest, run as uid 65534 (see tests/rootless.py)."""
+    yield from make_rootless()

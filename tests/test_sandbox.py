@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import importlib.metadata
-import importlib.util
 import json
 import os
 import secrets
@@ -27,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -44,11 +41,11 @@ from pytest_isolation import (
     CommandTimeout,
     ExecResult,
     IsolationManager,
-    Ledger,
     ResourceLimitExceeded,
 )
 from pytest_isolation.engines.sandbox import SandboxEnvironment
 from tests.conftest import wait_for
+from tests.rootless import NOBODY, Rootless, assert_clean
 
 if TYPE_CHECKING:
     from pytest_isolation.linux.cgroups import Controller
@@ -119,6 +116,10 @@ def pids_of(directory: Path) -> list[int]:
 
 def numeric(listing: str) -> list[int]:
     return [int(entry) for entry in listing.split() if entry.isdigit()]
+
+
+def mount_points() -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
 
 
 def namespace(kind: str) -> str:
@@ -465,7 +466,9 @@ def test_pids_limit_contains_a_fork_bomb(manager: IsolationManager) -> None:
     assert isinstance(caught.value.measured, int) and caught.value.measured >= 1
     made = int((env.path / "forked.txt").read_text())
     assert 0 < made < 32, made
-    wait_for(lambda: not pids_of(pids_dir), "the fork bomb's processes to be gone")
+    # what is left in the environment's cgroup is its init alone
+    init = env.sandbox.init
+    wait_for(lambda: pids_of(pids_dir) == [init], "the fork bomb's processes to be gone")
     subprocess.run(["true"], check=True)
 
 
@@ -502,6 +505,35 @@ def test_cpus_limit_sets_the_quota_and_throttles_a_busy_loop(manager: IsolationM
     throttling = kernel_value(env, "cpu", "cpu.stat", "cpu.stat").splitlines()
     stat = dict(line.split() for line in throttling)
     assert int(stat["nr_throttled"]) > 0, stat
+
+
+def test_io_weight_is_set_in_the_environments_cgroup(manager: IsolationManager) -> None:
+    """limits.io_weight reaches the kernel's proportional I/O weight of the environment's
+    cgroup (blkio.bfq.weight here), which holds its processes."""
+    env = sandbox(manager, limits={"io_weight": 300})
+    assert env.cgroups.io_weight() == 300
+    io = env.cgroups.paths["io"]
+    assert io.parent.name == "pytest-isolation"
+    assert env.sandbox.init in pids_of(io)
+    sh(env, "dd if=/dev/zero of=data bs=64k count=16 status=none").check()
+
+
+def test_disk_limit_caps_what_the_environment_writes(manager: IsolationManager) -> None:
+    """limits.disk caps the workspace, HOME and /tmp together: past it, writes fail with
+    ENOSPC and the command raises ResourceLimitExceeded("disk"); the mount goes at teardown."""
+    env = sandbox(manager, limits={"disk": "8M"})
+    assert env.path is not None
+    sh(env, 'head -c 3M /dev/zero > a; head -c 3M /dev/zero > "$HOME/b"').check()
+    with pytest.raises(ResourceLimitExceeded) as caught:
+        sh(env, "head -c 3M /dev/zero > /tmp/c")
+    assert caught.value.limit == "disk"
+    assert "disk limit of 8.0M" in str(caught.value)
+    assert (env.path / "a").stat().st_size == 3 << 20
+    sh(env, "rm /tmp/c; head -c 1M /dev/zero > d").check()  # room again once freed
+    assert str(env.root) in mount_points()
+    manager.destroy(env)
+    assert str(env.root) not in mount_points()
+    assert not env.root.exists()
 
 
 def test_timeout_kills_the_whole_tree(manager: IsolationManager) -> None:
@@ -556,61 +588,65 @@ def test_teardown_kills_everything_in_the_cgroups_and_removes_them(
         straggler.wait()
     assert cgroups_named(name) == []
     assert not env.root.exists()
-    assert manager.ledger.records() == []
+    assert [r for r in manager.ledger.records() if r.env_id == env.id] == []
 
 
-UNAVAILABLE_LIMITS = """
+LIMITED = """
+import os
 import pytest
 
-@pytest.mark.isolated("sandbox", limits={"pids": 16})
-def test_pids_limited(isolated_env):
+@pytest.mark.isolated("sandbox", limits={"pids": 16, "cpus": 0.5, "memory": "128M"})
+def test_limited(isolated_env):
     isolated_env.run("true").check()
+    with open("cgroups.txt", "w") as out:
+        out.write("\\n".join(str(d) for d in isolated_env.cgroups.directories()))
 
-@pytest.mark.isolated("sandbox", inside=True, limits={"pids": 16})
-def test_pids_limited_inside():
-    pass
-
-@pytest.mark.isolated("sandbox", limits={"memory": "256M"})
-def test_memory_limited(isolated_env):
-    isolated_env.run("true").check()
-
-@pytest.mark.isolated("sandbox")
-def test_unlimited(isolated_env):
-    isolated_env.run("true").check()
+@pytest.mark.isolated("sandbox", inside=True, limits={"pids": 16, "io_weight": 300})
+def test_limited_inside():
+    assert os.getpid() > 1
 """
 
-#: Starts a command with its pids cgroup at the root of the hierarchy: nothing delegated.
-AT_PIDS_ROOT = 'echo $$ > /sys/fs/cgroup/pids/cgroup.procs && exec "$@"'
+#: Starts a command in the root cgroup of the pids and cpu hierarchies, as a root shell is.
+AT_HIERARCHY_ROOTS = (
+    "echo $$ > /sys/fs/cgroup/pids/cgroup.procs && echo $$ > /sys/fs/cgroup/cpu/cgroup.procs "
+    '&& exec "$@"'
+)
 
 
-@pytest.mark.parametrize("require", [False, True])
-def test_limit_without_its_controller_skips_or_fails_when_required(
-    pytester: pytest.Pytester, require: bool
-) -> None:
-    """A limit on an undelegated controller skips naming it, or fails with --isolation-require."""
-    pytester.makepyfile(UNAVAILABLE_LIMITS)
-    args = ["-rs", "-p", "no:cacheprovider"] + (["--isolation-require=sandbox"] if require else [])
+def test_limits_work_for_root_whose_cgroups_are_hierarchy_roots(pytester: pytest.Pytester) -> None:
+    """As root in the root cgroup of a hierarchy (nothing delegated), the limits still work:
+    the plugin makes its own subtree there, and nothing of it is left after the run."""
+    pytester.makepyfile(LIMITED)
     result = pytester.run(
-        "sh", "-c", AT_PIDS_ROOT, "sh", sys.executable, "-m", "pytest", *args, timeout=PATIENCE
+        "sh",
+        "-c",
+        AT_HIERARCHY_ROOTS,
+        "sh",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--isolation-require=sandbox",
+        timeout=PATIENCE,
     )
-    reason = (
-        "*isolation engine 'sandbox' is unavailable: the pids limit needs the pids cgroup "
-        "controller: this process's pids cgroup is the root of the hierarchy at "
-        "/sys/fs/cgroup/pids: nothing is delegated there*"
-    )
-    if require:
-        result.assert_outcomes(passed=2, errors=2)
-        result.stdout.fnmatch_lines([reason + "(required by --isolation-require*)*"])
-    else:
-        result.assert_outcomes(passed=2, skipped=2)
-        result.stdout.fnmatch_lines([reason])
+    result.assert_outcomes(passed=2)
+    made = (pytester.path / "cgroups.txt").read_text().split()
+    assert {Path(d).parent.name for d in made} == {"pytest-isolation"}, made
+    assert {"/sys/fs/cgroup/pids/pytest-isolation", "/sys/fs/cgroup/cpu/pytest-isolation"} <= {
+        str(Path(d).parent) for d in made
+    }
+    assert [d for d in made if os.path.exists(d)] == []
 
 
 @pytest.mark.parametrize(
     ("marker", "expected"),
     [
         ('limits={"swap": "1G"}', "*test_it*unknown limit 'swap'; allowed limits:*"),
-        ('limits={"disk": "1G"}', "*test_it*engine 'sandbox' cannot enforce disk=1073741824*"),
+        (
+            'limits={"io_weight": 50}',
+            "*test_it*limits.io_weight: io_weight must be from 100 to 1000*",
+        ),
         (
             'mounts=["/no/such/source:/srv"]',
             "*test_it*option 'mounts'*mount source /no/such/source does not exist*",
@@ -625,7 +661,14 @@ def test_limit_without_its_controller_skips_or_fails_when_required(
         ),
         ('scope="module", inside=True', "*test_it*inside=True*scope must be 'function'*"),
     ],
-    ids=["unknown-limit", "disk", "no-source", "relative-target", "no-target", "module-inside"],
+    ids=[
+        "unknown-limit",
+        "io-weight",
+        "no-source",
+        "relative-target",
+        "no-target",
+        "module-inside",
+    ],
 )
 def test_bad_sandbox_options_are_collection_errors(
     pytester: pytest.Pytester, marker: str, expected: str
@@ -919,148 +962,6 @@ def test_inside_with_xdist(pytester: pytest.Pytester) -> None:
 # --- D. rootless ------------------------------------------------------------------------------
 
 
-NOBODY = 65534
-#: Modules the plugin and pytest import; with the distributions' metadata (entry points,
-#: versions), copied where an unprivileged user can read them.
-MODULES = (
-    "pytest_isolation",
-    "pluggy",
-    "psutil",
-    "filelock",
-    "yaml",
-    "_pytest",
-    "pytest",
-    "iniconfig",
-    "packaging",
-    "pygments",
-    "py",  # pytest's own shim module
-    "pyseccomp",
-)
-DISTRIBUTIONS = (
-    "pytest-isolation",
-    "pluggy",
-    "psutil",
-    "filelock",
-    "PyYAML",
-    "pytest",
-    "iniconfig",
-    "packaging",
-    "Pygments",
-    "pyseccomp",
-)
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-@dataclass(frozen=True)
-class Rootless:
-    """A world-readable copy of the packages, run by uid/gid 65534 with the system Python."""
-
-    root: Path
-    site: Path
-
-    def run(self, name: str, test_code: str, *args: str) -> tuple[pytest.RunResult, Path]:
-        """Run ``test_code`` with pytest as nobody in a fresh folder; the result and folder."""
-        work = self.root / name
-        work.mkdir()
-        work.chmod(0o755)
-        for shared in ("state", "cache", "tmp", "home"):
-            (work / shared).mkdir()
-            (work / shared).chmod(0o777)  # nobody writes these
-        (work / "test_rootless.py").write_text(textwrap.dedent(test_code))
-        environ = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "LANG": "C.UTF-8",
-            "HOME": str(work / "home"),
-            "PYTHONPATH": str(self.site),
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTEST_ISOLATION_STATE_DIR": str(work / "state"),
-            "PYTEST_ISOLATION_CACHE_DIR": str(work / "cache"),
-            "TMPDIR": str(work / "tmp"),
-        }
-        privileges = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-        # -S: the copied packages and the standard library only, none of Debian's own
-        pytest_args = ["-S", "-m", "pytest", "-p", "no:cacheprovider", *args]
-        command = ["setpriv", *privileges, "--", SYSTEM_PYTHON, *pytest_args]
-        started = time.monotonic()
-        done = subprocess.run(
-            command,
-            cwd=work,
-            env=environ,
-            capture_output=True,
-            text=True,
-            timeout=PATIENCE,
-            check=False,
-        )
-        result = pytest.RunResult(
-            done.returncode,
-            done.stdout.splitlines(),
-            done.stderr.splitlines(),
-            time.monotonic() - started,
-        )
-        return result, work
-
-
-def copy_packages(site: Path) -> None:
-    for module in MODULES:
-        spec = importlib.util.find_spec(module)
-        assert spec is not None and spec.origin, f"{module} is not installed"
-        if spec.submodule_search_locations:
-            source = Path(next(iter(spec.submodule_search_locations)))
-            shutil.copytree(source, site / module, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(spec.origin, site)
-    for name in DISTRIBUTIONS:
-        files = importlib.metadata.distribution(name).files or []
-        metadata = next(f for f in files if f.name == "METADATA")
-        info = Path(str(importlib.metadata.distribution(name).locate_file(metadata))).parent
-        shutil.copytree(info, site / info.name)
-
-
-@pytest.fixture(scope="module")
-def rootless() -> Iterator[Rootless]:
-    """Debian's Python, the packages copied under a world-readable folder in /tmp."""
-    if not os.path.exists(SYSTEM_PYTHON) or not shutil.which("setpriv"):
-        pytest.fail(f"rootless tests need {SYSTEM_PYTHON} and setpriv (util-linux)")
-    version = subprocess.run(
-        [SYSTEM_PYTHON, "-c", "import sys; print(*sys.version_info[:2])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    if tuple(map(int, version)) != sys.version_info[:2]:
-        pytest.fail(
-            f"{SYSTEM_PYTHON} is Python {'.'.join(version)} but these tests run on "
-            f"{sys.version_info.major}.{sys.version_info.minor}: the copied C extensions "
-            "(psutil, yaml) would not load"
-        )
-    # not under pytest's basetemp (mode 0700, unreadable by nobody), and not named like an
-    # environment folder, which the leak checks would take for one
-    root = Path(tempfile.mkdtemp(prefix="piso-rootless-", dir="/tmp"))
-    try:
-        root.chmod(0o755)
-        site = root / "site"
-        copy_packages(site)
-        for directory, _, files in os.walk(site):
-            os.chmod(directory, 0o755)
-            for file in files:
-                os.chmod(os.path.join(directory, file), 0o644)
-        yield Rootless(root, site)
-    finally:
-        shutil.rmtree(root)
-
-
-def assert_clean(work: Path) -> None:
-    """Nothing of the rootless run left: no ledger record, no environment folder, no process
-    working in its folder."""
-    assert Ledger(work / "state").records() == []
-    assert list((work / "tmp").glob("pytest-isolation-*")) == []
-    inside = []
-    for process in psutil.process_iter(["cwd"]):
-        if (process.info["cwd"] or "").startswith(str(work)) and not gone(process):
-            inside.append(process)
-    assert inside == []
-
-
 ROOTLESS_COMMANDS = f"""
 import os
 import pytest
@@ -1135,15 +1036,22 @@ def test_pids_limited(isolated_env):
 
 
 def test_rootless_inside_mode_and_unavailable_limits(rootless: Rootless) -> None:
-    """As uid 65534: inside mode works; limits skip (cgroups not writable), never ignored."""
+    """As uid 65534: inside mode works; limits without a delegated cgroup skip, naming the
+    controller and the fix, or fail where the run requires the engine; never ignored."""
     result, work = rootless.run("inside", ROOTLESS_INSIDE, "-rs")
     result.assert_outcomes(passed=1, failed=1, skipped=2)
     result.stdout.fnmatch_lines_random(
         [
             "E       assert 3 == 4",
-            "*the memory limit needs the memory cgroup controller: /sys/fs/cgroup/memory/*"
-            f"is not writable by uid {NOBODY}*",
-            "*the pids limit needs the pids cgroup controller: *",
+            "*the memory limit needs the memory cgroup controller: this process's cgroup at "
+            "/sys/fs/cgroup/memory is /sys/fs/cgroup/memory/*, not writable, and it is not "
+            "root: nothing there is delegated to it; run as root, or have a cgroup delegated*",
+            "*the pids limit needs the pids cgroup controller: this process's cgroup at "
+            "/sys/fs/cgroup/pids is the root of the hierarchy*",
         ]
     )
+    assert_clean(work)
+    required, work = rootless.run("required", ROOTLESS_INSIDE, "--isolation-require=sandbox")
+    required.assert_outcomes(passed=1, failed=1, errors=2)
+    required.stdout.fnmatch_lines(["*the pids limit needs the pids cgroup controller*required*"])
     assert_clean(work)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, ClassVar
 
+from ..beneath import read_beneath, write_beneath
 from ..errors import InvalidSpec, IsolationError, OperationNotSupported
 from ..execution import Command, ExecResult, Usage, normalize_command
 from ..ledger import Ledger, Owner, ResourceRecord, process_started, same_process
@@ -276,6 +277,11 @@ class Engine(ABC):
         """
         return []
 
+    def diagnose(self) -> list[str]:
+        """Details for ``pytest-isolation doctor``, one line each (what works here and what
+        does not, with the fix); empty when there is nothing more to say."""
+        return []
+
     @classmethod
     def validate_spec(cls, spec: EnvSpec) -> None:
         """Raise :class:`InvalidSpec` for option combinations this engine cannot honour."""
@@ -353,19 +359,32 @@ class IsolatedEnvironment(ABC):
         raise OperationNotSupported(self.engine, "install", "use the virtualenv engine")
 
     def write_file(self, rel: str, data: str | bytes) -> None:
-        """Write ``data`` to ``rel`` inside the workspace, creating parent directories."""
-        target = self._workspace_path(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data.encode() if isinstance(data, str) else data)
+        """Write ``data`` to ``rel`` inside the workspace, creating parent directories.
+
+        The file is replaced, never written through: a link a command planted there
+        (to a file outside the workspace) raises
+        :class:`~pytest_isolation.beneath.OutsideWorkspace`.
+        """
+        write_beneath(
+            self._workspace(),
+            workspace_relative(rel, self.id).parts,
+            data.encode() if isinstance(data, str) else data,
+            owner=self._file_owner(),
+        )
 
     def read_file(self, rel: str) -> bytes:
-        """The bytes of ``rel`` inside the workspace."""
-        return self._workspace_path(rel).read_bytes()
+        """The bytes of ``rel`` inside the workspace; a path that leaves it through a link
+        raises :class:`~pytest_isolation.beneath.OutsideWorkspace`."""
+        return read_beneath(self._workspace(), workspace_relative(rel, self.id).parts)
 
-    def _workspace_path(self, rel: str) -> Path:
+    def _workspace(self) -> Path:
         if self.path is None:
             raise OperationNotSupported(self.engine, "file access without a host path")
-        return self.path.joinpath(*workspace_relative(rel, self.id).parts)
+        return self.path
+
+    def _file_owner(self) -> tuple[int, int] | None:
+        """Who must own the files the test writes, where that is not the runner."""
+        return None
 
     def usage(self) -> Usage:
         """Set-up time and what the environment's commands used so far."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import glob
 import os
@@ -38,7 +39,17 @@ from ..errors import (
 )
 from ..execution import ExecResult, Usage, collect
 from ..ledger import same_process
-from ..linux.cgroups import LIMIT_CONTROLLERS, CgroupSet, Counters, Layout, discover, kill_cgroup
+from ..linux.cgroups import (
+    LIMIT_CONTROLLERS,
+    CgroupSet,
+    Counters,
+    Layout,
+    Subtrees,
+    discover,
+    give_back,
+    kill_cgroup,
+    remove_subtree,
+)
 from ..linux.namespaces import (
     Mount,
     Sandbox,
@@ -50,6 +61,8 @@ from ..linux.namespaces import (
     user_namespaces_allowed,
 )
 from ..linux.seccomp import SeccompUnavailable, filter_program
+from ..linux.seccomp import describe as describe_seccomp
+from ..linux.syscalls import MNT_DETACH, MS_NODEV, MS_NOSUID, mount, umount
 from ..spec import EnvSpec, Option, boolean, string
 from .base import Availability, Engine, EngineContext, Resources
 from .basic import LOCAL_OPTIONS, LocalEnvironment, make_root
@@ -129,6 +142,11 @@ class SandboxEnvironment(LocalEnvironment):
     def config(self) -> SandboxConfig:
         return self.sandbox.config
 
+    def _file_owner(self) -> tuple[int, int] | None:
+        if self.sandbox.idmapped or self.config.rootless:
+            return None  # the runner's files are the sandbox root's
+        return (self.config.map_to, self.config.map_to)
+
     def _base_environ(self) -> dict[str, str]:
         environ = super()._base_environ()
         for name in ("TMPDIR", "TMP", "TEMP"):
@@ -206,6 +224,20 @@ class SandboxEnvironment(LocalEnvironment):
                 f"creation(s) refused (exit status {result.returncode})",
                 measured=refused,
             )
+        if limits.disk is not None and not result.ok and self.disk_full():
+            raise ResourceLimitExceeded(
+                "disk",
+                f"{command!r} filled the disk limit of {_size(limits.disk)} (the workspace, "
+                f"HOME and /tmp together; exit status {result.returncode})",
+                measured=limits.disk,
+            )
+
+    def disk_full(self) -> bool:
+        """Whether the environment's size-limited file system has no block left."""
+        if self.spec.limits.disk is None:
+            return False
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize < 64 * 1024
 
     def usage(self) -> Usage:
         usage = super().usage()
@@ -219,8 +251,14 @@ class SandboxEnvironment(LocalEnvironment):
         return self.sandbox.forking()
 
     def enter(self) -> None:
-        """Inside mode, in the forked child: become a process of the sandbox."""
+        """Inside mode, in the forked child: become a process of the sandbox, with the
+        environment's variables (see :data:`RUNNER_VARIABLES` for what is kept)."""
         self.sandbox.join(close=self._engine.descriptors())
+        kept = {k: v for k, v in os.environ.items() if k.startswith(RUNNER_VARIABLES)}
+        os.environ.clear()
+        os.environ.update(self.environ)
+        os.environ.update(kept)
+        tempfile.tempdir = None  # TMPDIR is the sandbox's own now
 
     def explain_exit(self, status: int | None, timed_out: bool, error: str) -> str:
         counters = self.cgroups.counters()
@@ -231,6 +269,8 @@ class SandboxEnvironment(LocalEnvironment):
                 f"{_size(limits.memory)} was reached (peak {_size(counters.peak_memory)})"
             )
         reason = super().explain_exit(status, timed_out, error)
+        if self.disk_full():
+            reason += f"; the disk limit of {_size(limits.disk)} is used up"
         if counters.pids_refused:
             reason += (
                 f"; the pids limit of {limits.pids} refused "
@@ -244,6 +284,11 @@ class SandboxEnvironment(LocalEnvironment):
         if not same_process(self.sandbox.init, self._engine.started(self.sandbox.init)):
             problems.append(f"the sandbox's init (pid {self.sandbox.init}) is gone")
         return problems
+
+
+#: Variables of the runner a test body keeps inside, beside the environment's own: what
+#: pytest, its plugins and Python itself set for the run (never the runner's secrets).
+RUNNER_VARIABLES = ("PYTEST_", "PYTHON", "COV_CORE_", "COVERAGE_", "VIRTUAL_ENV")
 
 
 def _interpreter() -> tuple[str, ...]:
@@ -280,7 +325,9 @@ class SandboxEngine(Engine):
         "seccomp, cgroup limits"
     )
     options = SANDBOX_OPTIONS
-    supported_limits = frozenset({"memory", "cpus", "pids", "timeout", "network"})
+    supported_limits = frozenset(
+        {"memory", "cpus", "pids", "timeout", "network", "io_weight", "disk"}
+    )
 
     def __init__(self, context: EngineContext) -> None:
         super().__init__(context)
@@ -293,6 +340,61 @@ class SandboxEngine(Engine):
     @functools.cached_property
     def layout(self) -> Layout:
         return discover()
+
+    @functools.cached_property
+    def subtrees(self) -> Subtrees:
+        return Subtrees(self.layout, self._shared.add)
+
+    def limit_problem(self, limit: str) -> tuple[str, str] | None:
+        """Why ``limit`` cannot be enforced on this machine, and the fix; None if it can."""
+        controller = LIMIT_CONTROLLERS.get(limit)
+        if controller is not None and controller not in self.layout.hierarchies:
+            return (
+                f"the {limit} limit needs the {controller} cgroup controller: "
+                f"{self.layout.reasons[controller]}",
+                self.layout.fixes.get(controller, ""),
+            )
+        if limit == "disk" and os.geteuid() != 0:
+            return (
+                "the disk limit is a size-limited tmpfs mounted at the environment's "
+                "directory, which needs root",
+                "run as root, or drop the disk limit",
+            )
+        return None
+
+    def diagnose(self) -> list[str]:
+        lines = [f"seccomp filter: {describe_seccomp()}"]
+        lines += [f"limit {line}" for line in self.describe_limits()]
+        if os.geteuid() != 0 and any(h.version == 2 for h in self.layout.hierarchies.values()):
+            lines.append(
+                "rootless on cgroup v2: limits need a delegated cgroup; with systemd, "
+                "`systemd-run --user --scope -p Delegate=yes pytest ...`"
+            )
+        return lines
+
+    def describe_limits(self) -> list[str]:
+        """One line per limit: where it is enforced here, or why not and the fix."""
+        lines = []
+        for limit in sorted(self.supported_limits):
+            problem = self.limit_problem(limit)
+            if problem is not None:
+                reason, fix = problem
+                lines.append(f"{limit}: unavailable: {reason}" + (f"; fix: {fix}" if fix else ""))
+                continue
+            controller = LIMIT_CONTROLLERS.get(limit)
+            if controller is not None:
+                hierarchy = self.layout.hierarchies[controller]
+                where = f"cgroup v{hierarchy.version}, under {hierarchy.subtree}"
+                if limit == "io_weight":
+                    where += "; takes effect under the BFQ I/O scheduler or io.cost"
+            elif limit == "disk":
+                where = "a size-limited tmpfs holding the workspace, HOME and /tmp"
+            elif limit == "network":
+                where = "a network namespace with loopback only, unless network=True"
+            else:
+                where = "commands and test bodies are killed with all they started"
+            lines.append(f"{limit}: works ({where})")
+        return lines
 
     def zygote(self) -> Zygote:
         """The sandbox's zygote of this run, started on first use (and recorded)."""
@@ -350,7 +452,7 @@ class SandboxEngine(Engine):
                 "--privileged or a seccomp profile that allows unshare)",
             )
         mode = "rootless" if rootless else "root (uid 65534 inside)"
-        return Availability(True, detail=f"{mode}; cgroups: {self.layout.describe()}")
+        return Availability(True, detail=mode)
 
     @classmethod
     def validate_spec(cls, spec: EnvSpec) -> None:
@@ -362,6 +464,13 @@ class SandboxEngine(Engine):
             )
 
     def create(self, spec: EnvSpec, env_id: str, resources: Resources) -> SandboxEnvironment:
+        for limit in spec.limits.requested():
+            problem = self.limit_problem(limit)
+            if problem is not None:
+                raise EngineUnavailable(self.name, *problem)
+        # Only the controllers the limits need: moving a process into a cgroup costs an RCU
+        # grace period on cgroup v1 (~6 ms here), and without limits the PID namespace
+        # already guarantees that everything inside dies with its init.
         needed = sorted(
             {
                 LIMIT_CONTROLLERS[name]
@@ -369,23 +478,23 @@ class SandboxEngine(Engine):
                 if name in LIMIT_CONTROLLERS
             }
         )
-        missing = [c for c in needed if c not in self.layout.hierarchies]
-        if missing:
-            limit = next(k for k, v in LIMIT_CONTROLLERS.items() if v == missing[0])
-            raise EngineUnavailable(
-                self.name,
-                f"the {limit} limit needs the {missing[0]} cgroup controller: "
-                f"{self.layout.reasons[missing[0]]}",
-            )
+        try:
+            self.subtrees.prepare(needed)
+        except OSError as exc:
+            raise EnvironmentCreationError(
+                self.name, f"cannot prepare the plugin's cgroups: {exc.strerror}"
+            ) from None
         root = make_root(self, env_id, resources)
-        # Only the controllers the limits need: moving a process into a cgroup costs an RCU
-        # grace period on cgroup v1 (~6 ms here), and without limits the PID namespace
-        # already guarantees that everything inside dies with its init.
+        if spec.limits.disk is not None:
+            _size_limited(root, spec.limits.disk, resources)
         cgroups = CgroupSet(root.name, self.layout, needed)
         for directory in cgroups.directories():
             resources.add("cgroup", str(directory))
         cgroups.create()
-        cgroups.apply(spec.limits)
+        try:
+            cgroups.apply(spec.limits)
+        except OSError as exc:
+            raise EnvironmentCreationError(self.name, f"cannot set the limits: {exc}") from None
         inside = bool(spec.options.get("inside"))
         readable, writable = _test_paths() if inside else ((), ())
         config = SandboxConfig(
@@ -421,6 +530,12 @@ class SandboxEngine(Engine):
     def release(self, record: ResourceRecord) -> None:
         if record.kind == "cgroup":
             kill_cgroup(Path(record.identifier))
+        elif record.kind == "cgroup-subtree":
+            remove_subtree(Path(record.identifier))
+        elif record.kind == "cgroup-leaf":
+            give_back(Path(record.identifier))  # or left to the last run that uses it
+        elif record.kind == "mount":
+            _unmount(Path(record.identifier))
         elif record.kind == "sandbox":
             self._stop(record)
         else:
@@ -448,6 +563,26 @@ class SandboxEngine(Engine):
             self._zygote.close()
             self._zygote = None
         self._shared.release_all()
+
+
+def _size_limited(root: Path, size: int, resources: Resources) -> None:
+    """Mount a tmpfs of ``size`` bytes at ``root`` (recorded first) holding the workspace,
+    HOME and tmp: what the environment may write in all."""
+    resources.add("mount", str(root))
+    mount("tmpfs", str(root), "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=0700")
+    for name in ("workspace", "home", "tmp"):
+        (root / name).mkdir()
+
+
+def _unmount(path: Path) -> None:
+    """Unmount an environment's size-limited tmpfs; nothing but those is ever unmounted."""
+    if not path.is_absolute() or not path.name.startswith("pytest-isolation-"):
+        raise IsolationError(f"refusing to unmount {path}: not an environment's directory")
+    try:
+        umount(str(path), MNT_DETACH)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+            raise
 
 
 def _started(pid: int) -> float:
