@@ -21,6 +21,10 @@ all of them alike.
   same namespaces, the ``basic`` engine's ``env.run``, and a plain
   ``subprocess.run(["true"])`` (the baseline).
 
+With ``--before REV`` the first table has one more row: inside mode as the
+code at git revision ``REV`` runs it (checked out beside, imported first), so
+that a change is measured against what it replaced in the same run.
+
 The peers (pytest-forked, pytest-isolate) are not installed in the development
 environment: their plugins would load into the project's own test runs.  Give
 ``--python`` an interpreter that has them, with pytest-isolation installed too,
@@ -60,6 +64,8 @@ if TYPE_CHECKING:
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 TARGET_INSIDE_OVERHEAD_MS = 5.0
+#: env.run(["true"]) in a sandbox, at most this many times unshare with the same namespaces
+TARGET_RUN_RATIO = 1.5
 FORK_PLUGIN = "bench_fork_reference"
 
 #: The minimal fork-per-test plugin: fork, run the protocol in the child, send the reports
@@ -266,14 +272,22 @@ class Suite:
             *extra,
         ]
 
-    def env(self, plugin_path: bool) -> dict[str, str] | None:
-        if not plugin_path:
+    def env(self, plugin_path: bool, first_on_path: Path | None = None) -> dict[str, str] | None:
+        if not plugin_path and first_on_path is None:
             return None
-        paths = [str(self.plugins), *filter(None, [os.environ.get("PYTHONPATH")])]
+        paths = [str(first_on_path)] if first_on_path is not None else []
+        if plugin_path:
+            paths.append(str(self.plugins))
+        paths += filter(None, [os.environ.get("PYTHONPATH")])
         return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
     def run(
-        self, extra: Sequence[str], *, plugin_path: bool = False, folder: Path | None = None
+        self,
+        extra: Sequence[str],
+        *,
+        plugin_path: bool = False,
+        folder: Path | None = None,
+        first_on_path: Path | None = None,
     ) -> tuple[float, int, str]:
         """(wall seconds, exit status, output) of one pytest run."""
         started = time.perf_counter()
@@ -281,7 +295,7 @@ class Suite:
             self.argv(extra, folder),
             capture_output=True,
             text=True,
-            env=self.env(plugin_path),
+            env=self.env(plugin_path, first_on_path),
             check=False,
         )
         elapsed = time.perf_counter() - started
@@ -315,11 +329,14 @@ class Suite:
         plugin_path: bool = False,
         peer: bool = False,
         diagnose: Callable[[], str] | None = None,
+        first_on_path: Path | None = None,
     ) -> Variant:
         expected = f"{self.tests} passed"
 
         def sample() -> float:
-            elapsed, status, output = self.run(extra, plugin_path=plugin_path)
+            elapsed, status, output = self.run(
+                extra, plugin_path=plugin_path, first_on_path=first_on_path
+            )
             if status or expected not in output:
                 raise RuntimeError(self.why_failed(status, output, self.tests))
             return elapsed
@@ -356,7 +373,7 @@ class Suite:
             )
 
 
-def pytest_variants(suite: Suite) -> list[Variant]:
+def pytest_variants(suite: Suite, before: tuple[str, Path] | None = None) -> list[Variant]:
     n = suite.tests
     sandbox = ["-p", "pytest_isolation.plugin", "--isolation=sandbox", "--isolation-inside"]
     inside = suite.variant(
@@ -374,6 +391,21 @@ def pytest_variants(suite: Suite) -> list[Variant]:
         suite.check_sandbox(sandbox)
 
     inside.check = check_inside
+    earlier = []
+    if before is not None:
+        revision, checkout = before
+        earlier.append(
+            suite.variant(
+                Row(
+                    f"inside mode at {revision[:10]}",
+                    f"the same run with the code of git revision {revision} imported first "
+                    "(PYTHONPATH), for the same run's before and after",
+                ),
+                sandbox,
+                module="pytest_isolation",
+                first_on_path=checkout,
+            )
+        )
     return [
         suite.variant(
             Row("plain pytest (baseline)", f"pytest on {n} trivial tests (def test_N(): pass)"),
@@ -410,6 +442,7 @@ def pytest_variants(suite: Suite) -> list[Variant]:
             module="pytest_isolate",
             peer=True,
         ),
+        *earlier,
         inside,
     ]
 
@@ -488,8 +521,8 @@ class Commands:
             Variant(
                 Row(
                     "sandbox engine env.run",
-                    "env.run(['true']) in one IsolationManager().create('sandbox'): fresh "
-                    "namespaces per command, in the environment's cgroups",
+                    "env.run(['true']) in one IsolationManager().create('sandbox'): the "
+                    "environment's init starts each command (a shepherd, then the command)",
                 ),
                 sandbox,
                 sandbox,
@@ -607,6 +640,27 @@ def tool_versions() -> str:
     return ", ".join(found) or "no unshare, no bwrap"
 
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def checkout(revision: str, where: Path) -> tuple[str, Path]:
+    """``revision`` checked out at ``where`` (a git worktree of this repository)."""
+    resolved = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(where), resolved],
+        cwd=REPOSITORY,
+        capture_output=True,
+        check=True,
+    )
+    return resolved, where
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument(
@@ -636,6 +690,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quick", action="store_true", help="a smoke test: 2 rounds of 50 tests, 5 `true` rounds"
+    )
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="also time inside mode as git revision REV runs it (checked out beside, "
+        "imported first), to compare a change with what it replaced in one run",
     )
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 5)
@@ -714,7 +774,39 @@ def report(
             )
     else:
         lines.append("  sandbox inside mode: no samples: FAIL")
+    earlier = next((r for r in pytest_rows if r.label.startswith("inside mode at ")), None)
+    if earlier is not None and earlier.samples and inside.samples:
+        change = (inside.median - earlier.median) / n * 1000
+        ratio = _paired_ratio(inside, earlier)
+        verdict = "PASS" if change <= 0 or (ratio is not None and ratio <= 1.0) else "FAIL"
+        lines.append(
+            f"  inside mode now vs {earlier.label[len('inside mode at ') :]}: {change:+.2f} ms "
+            f"per test"
+            + (f", paired ratio {ratio:.2f}" if ratio is not None else "")
+            + f" (target: no slower): {verdict}"
+        )
+    sandbox_run = next(r for r in run_rows if r.label.startswith("sandbox engine"))
+    unshare = next(r for r in run_rows if r.label.startswith("unshare"))
+    if sandbox_run.samples and unshare.samples:
+        ratio = _paired_ratio(sandbox_run, unshare)
+        shown = ratio if ratio is not None else sandbox_run.median / unshare.median
+        verdict = "PASS" if shown <= TARGET_RUN_RATIO else "FAIL"
+        lines.append(
+            f"  env.run(['true']) in a sandbox: {ms(sandbox_run.median)} ms, {shown:.2f}x "
+            f"unshare ({ms(unshare.median)} ms; paired per round; target <= "
+            f"{TARGET_RUN_RATIO:g}x): {verdict}"
+        )
     return lines
+
+
+def _paired_ratio(row: Row, baseline: Row) -> float | None:
+    """Median over rounds of row's median / baseline's median within the same round."""
+    ratios = [
+        statistics.median(samples) / statistics.median(baseline.rounds[index])
+        for index, samples in row.rounds.items()
+        if samples and baseline.rounds.get(index)
+    ]
+    return statistics.median(ratios) if ratios else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -748,8 +840,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             tempfile.tempdir = str(temp)
             suite = Suite(root, args.python, args.tests)
             commands = Commands()
+            before = checkout(args.before, root / "before") if args.before else None
             try:
-                pytest_group = pytest_variants(suite)
+                pytest_group = pytest_variants(suite, before)
                 run_group = commands.variants()
                 print("checking every variant once (untimed) ...", file=sys.stderr)
                 check_all([*pytest_group, *run_group])
@@ -757,6 +850,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 measure(run_group, args.run_rounds, args.run_per_round, "`true` runs")
             finally:
                 commands.close()
+                if before is not None:
+                    subprocess.run(
+                        ["git", "worktree", "remove", "--force", str(before[1])],
+                        cwd=REPOSITORY,
+                        capture_output=True,
+                        check=False,
+                    )
             pytest_rows = [v.row for v in pytest_group]
             run_rows = [v.row for v in run_group]
             lines = report(args, suite, pytest_rows, run_rows)

@@ -55,15 +55,12 @@ def run_forked(
         payload = json.loads(data) if data else {}
     except ValueError:
         payload = {}
-    code: int | None = None
-    if payload.get("reports"):
-        # the reports are in: the child's exit (and its namespaces' teardown) need not be
-        # waited for now; it is reaped later, before the next fork or at the end
-        _LATE.append(pid)
-    else:
-        _, status = os.waitpid(pid, 0)
-        code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-    reap_late(block=False)
+    # The child is a process of the sandbox's PID namespace: until it is reaped the
+    # namespace cannot end, so it is reaped now, before the environment's teardown.
+    _, status = os.waitpid(pid, 0)
+    code: int | None = (
+        128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    )
     reports: list[pytest.TestReport] = []
     for serialized in payload.get("reports", []):
         if isinstance(serialized.get("longrepr"), list):
@@ -75,20 +72,6 @@ def run_forked(
         reports.append(report)
     error = payload.get("error", "")
     return Outcome(reports, code, timed_out, error)
-
-
-_LATE: list[int] = []
-
-
-def reap_late(*, block: bool) -> None:
-    """Reap children whose reports arrived before they exited."""
-    for pid in list(_LATE):
-        try:
-            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            done = pid
-        if done:
-            _LATE.remove(pid)
 
 
 def _child(

@@ -355,9 +355,6 @@ class IsolationSession:
         self._previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
 
     def close(self) -> None:
-        from .inside import reap_late
-
-        reap_late(block=True)
         if self._sweeping is not None:
             try:
                 self._sweeping.wait(timeout=30)

@@ -365,6 +365,38 @@ def test_mounts_option_binds_read_only_and_read_write(
     assert sorted(os.listdir(ro)) == ["data.txt"]
 
 
+def test_mounts_through_the_marker_of_shared_and_repeated_environments(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    """``mounts`` given in the marker works for a module-scoped environment and for many
+    function-scoped ones (whose specs are compared and prepared ahead)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "seen.txt").write_text("seen")
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        SHARED = pytest.mark.isolated("sandbox", scope="module", mounts=["{data}:/srv"])
+        EACH = pytest.mark.isolated("sandbox", mounts=[{{"source": "{data}", "target": "/srv"}}])
+
+        @SHARED
+        def test_shared_1(isolated_env):
+            assert isolated_env.run(["cat", "/srv/seen.txt"]).check().stdout == "seen"
+
+        @SHARED
+        def test_shared_2(isolated_env):
+            assert isolated_env.run(["cat", "/srv/seen.txt"]).check().stdout == "seen"
+
+        @pytest.mark.parametrize("n", range(4))
+        @EACH
+        def test_each(isolated_env, n):
+            assert isolated_env.run(["cat", "/srv/seen.txt"]).check().stdout == "seen"
+        """
+    )
+    pytester.runpytest("--isolation-require=sandbox").assert_outcomes(passed=6)
+
+
 def test_ipc_namespace_hides_host_sysv_segments(manager: IsolationManager) -> None:
     """A SysV shared memory segment of the host is not listed inside."""
     libc = ctypes.CDLL(None, use_errno=True)

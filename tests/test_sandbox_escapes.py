@@ -25,6 +25,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -339,6 +340,10 @@ class Host:
     def mark(self) -> str:
         return f"piso-escape-{self.token}"
 
+    def hierarchy_made(self) -> bool:
+        """Whether a cgroup v1 hierarchy named by the attack exists on the host."""
+        return f"name=piso-{self.token}:" in Path("/proc/self/cgroup").read_text()
+
     def written(self) -> list[Path]:
         """Files the attacks tried to write, found on the host."""
         candidates = [
@@ -399,9 +404,31 @@ def host_targets(project: Path, *, world: bool) -> Iterator[Host]:
         victim.unlink(missing_ok=True)
         for path in host.written():
             path.unlink()  # should the sandbox have failed, the host keeps nothing of it
+        if host.hierarchy_made():
+            remove_hierarchy(f"piso-{token}")
+
+
+def remove_hierarchy(name: str) -> None:
+    """Undo a named cgroup v1 hierarchy an attack made (it outlives its mounts while it has
+    child cgroups, and confuses container runtimes): mount it, empty it, unmount it."""
+    mountpoint = Path(tempfile.mkdtemp(prefix="piso-hierarchy-"))
+    try:
+        subprocess.run(
+            ["mount", "-t", "cgroup", "-o", f"none,name={name}", "cgroup", str(mountpoint)],
+            check=True,
+        )
+        try:
+            for directory in sorted(mountpoint.rglob("*"), key=lambda p: -len(p.parts)):
+                if directory.is_dir():
+                    directory.rmdir()
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=True)
+    finally:
+        mountpoint.rmdir()
 
 
 def assert_host_unchanged(host: Host, output: str) -> None:
+    assert not host.hierarchy_made(), "the sandbox made a cgroup hierarchy on the host"
     assert host.written() == [], "the sandbox wrote to the host"
     assert host.accepted == [], "a host socket accepted a connection from the sandbox"
     assert host.victim.read_text() == "original"

@@ -25,7 +25,9 @@ import shlex
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, cast
@@ -52,6 +54,7 @@ from ..linux.cgroups import (
 )
 from ..linux.namespaces import (
     Mount,
+    PendingSandbox,
     Sandbox,
     SandboxConfig,
     SandboxError,
@@ -299,6 +302,15 @@ def _interpreter() -> tuple[str, ...]:
     return tuple(sorted(paths))
 
 
+def _paths(spec: EnvSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What an environment of ``spec`` must read (the interpreter, and a test body's
+    paths) and write besides its own directories."""
+    if not spec.options.get("inside"):
+        return _interpreter(), ()
+    readable, writable = _test_paths()
+    return _interpreter() + readable, writable
+
+
 def _test_paths() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """What a test body run inside must read (the working directory and the import path)
     and write (pytest's temporary directories)."""
@@ -336,6 +348,8 @@ class SandboxEngine(Engine):
         self._lock = threading.Lock()
         self._shared = context.engine_resources(self.name, self.release)
         self._live: dict[int, tuple[Sandbox, float]] = {}
+        self._spares: dict[str, _Spare] = {}
+        self._made: dict[str, int] = {}
 
     @functools.cached_property
     def layout(self) -> Layout:
@@ -468,16 +482,30 @@ class SandboxEngine(Engine):
             problem = self.limit_problem(limit)
             if problem is not None:
                 raise EngineUnavailable(self.name, *problem)
+        spare = self._take_spare(spec)
+        if spare is not None:
+            made = spare.hand_to(resources)
+        else:
+            made = self._prepare(spec, env_id, resources)
+        sandbox = self._finish(made, resources)
+        self._keep_spare(spec)
+        return SandboxEnvironment(
+            env_id=env_id,
+            spec=spec,
+            resources=resources,
+            root=made.root,
+            cgroups=made.cgroups,
+            sandbox=sandbox,
+            engine=self,
+        )
+
+    def _prepare(self, spec: EnvSpec, env_id: str, resources: Resources) -> _Prepared:
+        """Everything of an environment up to its sandbox, which is started, not awaited."""
         # Only the controllers the limits need: moving a process into a cgroup costs an RCU
         # grace period on cgroup v1 (~6 ms here), and without limits the PID namespace
         # already guarantees that everything inside dies with its init.
-        needed = sorted(
-            {
-                LIMIT_CONTROLLERS[name]
-                for name in spec.limits.requested()
-                if name in LIMIT_CONTROLLERS
-            }
-        )
+        requested = spec.limits.requested()
+        needed = sorted({LIMIT_CONTROLLERS[n] for n in requested if n in LIMIT_CONTROLLERS})
         try:
             self.subtrees.prepare(needed)
         except OSError as exc:
@@ -495,8 +523,7 @@ class SandboxEngine(Engine):
             cgroups.apply(spec.limits)
         except OSError as exc:
             raise EnvironmentCreationError(self.name, f"cannot set the limits: {exc}") from None
-        inside = bool(spec.options.get("inside"))
-        readable, writable = _test_paths() if inside else ((), ())
+        readable, writable = _paths(spec)
         config = SandboxConfig(
             workspace=str(root / "workspace"),
             home=str(root / "home"),
@@ -505,27 +532,69 @@ class SandboxEngine(Engine):
             network=spec.limits.network is True,
             readonly_root=cast("bool", spec.options["readonly_root"]),
             mounts=cast("tuple[Mount, ...]", spec.options["mounts"]),
-            needed=_interpreter() + readable,
+            needed=readable,
             writable=writable,
             cgroup_procs=cgroups.procs_files(),
-            inside=inside,
+            inside=bool(spec.options.get("inside")),
         )
         try:
-            sandbox = self.zygote().create(config, filter_program())
+            pending = self.zygote().start(config, filter_program())
         except (SandboxError, SeccompUnavailable) as exc:
+            raise EnvironmentCreationError(self.name, str(exc)) from None
+        return _Prepared(root, cgroups, pending)
+
+    def _finish(self, made: _Prepared, resources: Resources) -> Sandbox:
+        try:
+            sandbox = made.pending.result()
+        except SandboxError as exc:
             raise EnvironmentCreationError(self.name, str(exc)) from None
         started = _started(sandbox.init)
         self._live[sandbox.init] = (sandbox, started)
         resources.add("sandbox", str(sandbox.init), started=started, outer=sandbox.outer)
-        return SandboxEnvironment(
-            env_id=env_id,
-            spec=spec,
-            resources=resources,
-            root=root,
-            cgroups=cgroups,
-            sandbox=sandbox,
-            engine=self,
+        return sandbox
+
+    # --- spares: the next environment of a spec, made while the current one is used ---
+
+    def _take_spare(self, spec: EnvSpec) -> _Spare | None:
+        with self._lock:
+            spare = self._spares.pop(spec.key, None)
+        if spare is None:
+            return None
+        config = spare.made.pending.config
+        if (config.needed, config.writable) == _paths(spec):
+            return spare
+        self._discard(spare)  # the test's import path or working directory changed
+        return None
+
+    def _keep_spare(self, spec: EnvSpec) -> None:
+        """From the second environment of a function-scoped spec on, keep the next one in
+        the making: a run of such tests pays for a sandbox's set-up beside each test."""
+        if spec.scope != "function" or spec.keep != "none":
+            return
+        with self._lock:
+            self._made[spec.key] = self._made.get(spec.key, 0) + 1
+            if self._made[spec.key] < 2 or spec.key in self._spares:
+                return
+        spare_id = f"spare-{uuid.uuid4().hex[:8]}"
+        resources = Resources(
+            self.context.ledger,
+            self.context.owner,
+            engine=self.name,
+            env_id=spare_id,
+            release=self.release,
         )
+        try:
+            made = self._prepare(spec, spare_id, resources)
+        except IsolationError:
+            resources.release_all()
+            return  # the next environment is made (and fails, saying why) when asked for
+        with self._lock:
+            self._spares[spec.key] = _Spare(resources, made)
+
+    def _discard(self, spare: _Spare) -> None:
+        with contextlib.suppress(IsolationError):
+            self._finish(spare.made, spare.resources)
+        spare.resources.release_all()
 
     def release(self, record: ResourceRecord) -> None:
         if record.kind == "cgroup":
@@ -555,6 +624,11 @@ class SandboxEngine(Engine):
             stop_init(pid)
 
     def close(self) -> None:
+        with self._lock:
+            spares = list(self._spares.values())
+            self._spares.clear()
+        for spare in spares:
+            self._discard(spare)
         for pid, (sandbox, _) in list(self._live.items()):
             with contextlib.suppress(OSError):
                 sandbox.stop()
@@ -563,6 +637,29 @@ class SandboxEngine(Engine):
             self._zygote.close()
             self._zygote = None
         self._shared.release_all()
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An environment's directory and cgroups, and its sandbox in the making."""
+
+    root: Path
+    cgroups: CgroupSet
+    pending: PendingSandbox
+
+
+@dataclass(frozen=True)
+class _Spare:
+    """A prepared environment waiting for a test, its resources in a stack of its own."""
+
+    resources: Resources
+    made: _Prepared
+
+    def hand_to(self, resources: Resources) -> _Prepared:
+        """Give every resource to ``resources`` (recorded there before forgotten here)."""
+        for record in self.resources.records:
+            self.resources.transfer(record, resources)
+        return self.made
 
 
 def _size_limited(root: Path, size: int, resources: Resources) -> None:

@@ -303,15 +303,15 @@ class Zygote:
         return None if answer.get("ok") else str(answer.get("error", "no answer"))
 
     def create(self, config: SandboxConfig, seccomp: bytes) -> Sandbox:
-        """Start a sandbox of ``config``; raises :class:`SandboxError` with the reason."""
+        """Start a sandbox of ``config`` and wait until it is ready; raises
+        :class:`SandboxError` with the reason."""
+        return self.start(config, seccomp).result()
+
+    def start(self, config: SandboxConfig, seccomp: bytes) -> PendingSandbox:
+        """Start a sandbox of ``config`` without waiting for it: its processes make it
+        while the caller goes on."""
         sock = self._request({"op": "create", "config": config.message(seccomp)})
-        try:
-            sandbox = Sandbox._started(sock, config, seccomp)
-        except BaseException:
-            sock.close()
-            raise
-        self.sandboxes.add(sandbox)
-        return sandbox
+        return PendingSandbox(self, sock, config, seccomp)
 
     def close(self) -> None:
         """End the zygote; it kills whatever sandbox is still running."""
@@ -342,6 +342,30 @@ def _receive_within(sock: socket.socket, timeout: float) -> dict[str, Any]:
     if message is None:
         raise SandboxError("the sandbox's processes ended before answering")
     return message
+
+
+class PendingSandbox:
+    """A sandbox being made by the zygote's processes; :meth:`result` waits for it."""
+
+    def __init__(
+        self, zygote: Zygote, sock: socket.socket, config: SandboxConfig, seccomp: bytes
+    ) -> None:
+        self._zygote = zygote
+        self._sock = sock
+        self.config = config
+        self._seccomp = seccomp
+        self._sandbox: Sandbox | None = None
+
+    def result(self) -> Sandbox:
+        """The ready sandbox; raises :class:`SandboxError` with the reason it failed."""
+        if self._sandbox is None:
+            try:
+                self._sandbox = Sandbox._started(self._sock, self.config, self._seccomp)
+            except BaseException:
+                self._sock.close()
+                raise
+            self._zygote.sandboxes.add(self._sandbox)
+        return self._sandbox
 
 
 # --- one sandbox -------------------------------------------------------------------------------

@@ -659,12 +659,7 @@ def _setup_mounts(config: dict[str, Any], user: int) -> bool:
             os.chown(directory, config["map_to"], config["map_to"])
     _setup_dev(os.path.join(config["private_tmp"], ".pytest-isolation-dev"))
     if config["readonly_root"]:
-        for target, options in table:
-            if "ro" in options or _within(target, "/proc") or _within(target, "/dev"):
-                continue
-            flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | _locked(table, target)
-            with contextlib.suppress(OSError):  # mounts this namespace may not change stay
-                sc.mount(None, target, None, flags)
+        _read_only(table)
     for skeleton in config["skeletons"]:
         sc.mount("tmpfs", skeleton, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755,size=64k")
     for bind in binds:
@@ -701,6 +696,25 @@ def _setup_mounts(config: dict[str, Any], user: int) -> bool:
         flags = sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
         sc.mount(None, skeleton, None, flags)
     return binder.idmapped
+
+
+def _read_only(table: list[tuple[str, set[str]]]) -> None:
+    """Every mount read-only (but the sandbox's own /dev/shm and /dev/pts): in one call
+    where the kernel can, mount by mount otherwise."""
+    try:
+        sc.make_readonly("/")
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+            raise
+        for target, options in table:
+            if "ro" in options or _within(target, "/proc") or _within(target, "/dev"):
+                continue
+            flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | _locked(table, target)
+            with contextlib.suppress(OSError):  # mounts this namespace may not change stay
+                sc.mount(None, target, None, flags)
+    else:
+        for path, extra in (("/dev/shm", sc.MS_NODEV), ("/dev/pts", sc.MS_NOEXEC)):
+            sc.mount(None, path, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NOSUID | extra)
 
 
 def _mountpoint(path: str, *, directory: bool) -> None:

@@ -171,6 +171,23 @@ def clone_tree(source: str, userns_fd: int | None = None, *, readonly: bool = Fa
     return tree
 
 
+def make_readonly(path: str) -> None:
+    """Make every mount at and below ``path`` read-only in one call (``mount_setattr``
+    with ``AT_RECURSIVE``, Linux 5.12+); raises :class:`OSError` (``ENOSYS`` before)."""
+    attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    _check(
+        libc().syscall(
+            _SYS_MOUNT_SETATTR,
+            -100,  # AT_FDCWD
+            _path(path),
+            AT_RECURSIVE,
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        ),
+        f"mount_setattr {path}",
+    )
+
+
 def attach_tree(tree: int, target: str) -> None:
     """Mount the detached tree ``tree`` (from :func:`clone_tree`) at ``target``."""
     _check(
