@@ -707,7 +707,7 @@ class _TlsFront:
         while not self.stopping.is_set():
             if server_done and not down:
                 return
-            readers = []
+            readers: list[socket.socket] = []
             if not client_done and len(up) < self._LIMIT:
                 readers.append(tls)
             if not server_done and len(down) < self._LIMIT:
@@ -2217,8 +2217,20 @@ class KubeStandIn:
             self._mutate_pod(runtime, self._waiting(runtime, "RunContainerError", str(error)))
             self._event(pod, "Warning", "Failed", f"Error: {error}")
             return
+        self._open_empty_dirs(created.id, list(config.get("tmpfs") or {}))
         self._mark_running(runtime)
         self._event(pod, "Normal", "Started", f"Started container {runtime.container}")
+
+    def _open_empty_dirs(self, container_id: str, mounts: list[str]) -> None:
+        """Make emptyDirs 0777, as the kubelet does: docker resets a tmpfs that is also the
+        working directory to 0755 when it makes that directory."""
+        if not mounts:
+            return
+        with contextlib.suppress(docker.errors.APIError):
+            exec_id = self.docker.api.exec_create(
+                container_id, ["chmod", "0777", *mounts], user="0", stdout=False, stderr=False
+            )["Id"]
+            self.docker.api.exec_start(exec_id)
 
     def _mark_running(self, runtime: _Runtime, last: Obj | None = None) -> None:
         assert runtime.container_id is not None
