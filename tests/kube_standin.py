@@ -98,6 +98,11 @@ _WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _MAX_MESSAGE = 64 * 1024 * 1024
 _STDIN, _STDOUT, _STDERR, _ERROR, _RESIZE, _CLOSE = 0, 1, 2, 3, 4, 255
+#: An image reference as a container runtime parses it (lowercase repository, tag, digest).
+_IMAGE_RE = re.compile(
+    r"[a-z0-9]+([._-]+[a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?"
+)
 _LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _SUFFIXES: dict[str, Decimal] = {
@@ -786,21 +791,10 @@ class KubeStandIn:
     def __init__(self, directory: Path | None = None, *, token: str | None = None) -> None:
         self.server_id = uuid.uuid4().hex[:12]
         self.token = token or secrets.token_urlsafe(24)
-        self.token_valid = True
-        self.allow: Allow = {}
         #: Longest grace period honoured, in seconds (a real cluster waits the full period).
         self.grace_cap = 1.0
         #: Shortest time a deleted namespace stays visible as Terminating.
         self.namespace_linger = 0.3
-        self.minor = 33
-        #: Seconds after its namespace until the ``default`` ServiceAccount exists.
-        self.serviceaccount_delay = 0.0
-        self.enforce_network_policy = True
-        self.drop_exec_status = False
-        self.hold_exec_upgrade = False
-        self.deletion_blocked: str | None = None
-        self._throttled = 0
-        self._retry_after = 1
         self._namespace_born: dict[str, float] = {}
         self.namespaces: dict[str, Obj] = {}
         self.objects: dict[str, dict[tuple[str, str], Obj]] = {
@@ -812,6 +806,7 @@ class KubeStandIn:
         self.exec_log: list[tuple[str, str, list[str]]] = []
         self.errors: list[str] = []
         self._lock = threading.RLock()
+        self.reset()
         self._changed = threading.Condition(self._lock)
         self._history: deque[tuple[int, str, str, str, Obj]] = deque(maxlen=4096)
         self._rv = 1
@@ -1052,7 +1047,7 @@ class KubeStandIn:
         if not self.token_valid or auth != f"Bearer {self.token}":
             raise ApiError(401, "Unauthorized", "Unauthorized")
         with self._lock:
-            throttled = self._throttled > 0 and url.path != "/version"
+            throttled = self._throttled > 0 and url.path.rstrip("/") != "/version"
             if throttled:
                 self._throttled -= 1
         if throttled:
@@ -1142,6 +1137,20 @@ class KubeStandIn:
             )
             accepted = pending and options.get("orphanDependents") is False
             handler.send_json(202 if accepted else 200, deleted)
+
+    def reset(self) -> None:
+        """Every setting back to a healthy cluster's."""
+        self.token_valid = True
+        self.allow: Allow = {}
+        self.minor = 33
+        self.protocols: tuple[str, ...] = PROTOCOLS
+        #: Seconds after its namespace until the ``default`` ServiceAccount exists.
+        self.serviceaccount_delay = 0.0
+        self.enforce_network_policy = True
+        self.drop_exec_status = False
+        self.hold_exec_upgrade = False
+        self.deletion_blocked: str | None = None
+        self._throttled, self._retry_after = 0, 1
 
     def throttle(self, count: int, retry_after: int = 1) -> None:
         """Answer the next ``count`` requests (but ``/version``) with 429 and Retry-After."""
@@ -1920,7 +1929,7 @@ class KubeStandIn:
         if headers.get("Sec-WebSocket-Version") != "13" or len(base64.b64decode(key + "==")) < 16:
             raise _bad_request("unable to upgrade connection: bad websocket handshake")
         offered = [p.strip() for p in (headers.get("Sec-WebSocket-Protocol") or "").split(",")]
-        protocol = next((p for p in PROTOCOLS if p in offered), None)
+        protocol = next((p for p in self.protocols if p in offered), None)
         if protocol is None:
             raise _bad_request(
                 "unable to upgrade connection: none of the offered subprotocols "
@@ -2171,6 +2180,16 @@ class KubeStandIn:
             container=False,
         )
         image_name = runtime.image
+        if not _IMAGE_RE.fullmatch(image_name):
+            message = (
+                f'Failed to apply default image tag "{image_name}": couldn\'t parse image name '
+                f'"{image_name}": invalid reference format'
+            )
+            runtime.stage = "config-error"
+            self._mutate_pod(runtime, self._waiting(runtime, "InvalidImageName", message))
+            self._event(pod, "Warning", "InspectFailed", message)
+            self._event(pod, "Warning", "Failed", "Error: InvalidImageName")
+            return
         try:
             image = self.docker.images.get(image_name)
         except docker.errors.ImageNotFound:
@@ -2217,14 +2236,14 @@ class KubeStandIn:
             self._mutate_pod(runtime, self._waiting(runtime, "RunContainerError", str(error)))
             self._event(pod, "Warning", "Failed", f"Error: {error}")
             return
-        self._open_empty_dirs(created.id, list(config.get("tmpfs") or {}))
+        self._open_empty_dirs(runtime.container_id, list(config.get("tmpfs") or {}))
         self._mark_running(runtime)
         self._event(pod, "Normal", "Started", f"Started container {runtime.container}")
 
-    def _open_empty_dirs(self, container_id: str, mounts: list[str]) -> None:
+    def _open_empty_dirs(self, container_id: str | None, mounts: list[str]) -> None:
         """Make emptyDirs 0777, as the kubelet does: docker resets a tmpfs that is also the
         working directory to 0755 when it makes that directory."""
-        if not mounts:
+        if not mounts or container_id is None:
             return
         with contextlib.suppress(docker.errors.APIError):
             exec_id = self.docker.api.exec_create(

@@ -83,6 +83,8 @@ TMPDIR = "/isolation/tmp"
 #: The uid pods run as unless ``run_as_user`` says otherwise (Pod Security ``restricted``
 #: forbids root).
 DEFAULT_UID = 1000
+#: Seconds ``wait_deleted=True`` waits for a namespace to go.
+WAIT_DELETED = 120.0
 _INSTALL_FIX = "pip install 'pytest-isolation[kubernetes]'"
 _V5, _V4 = "v5.channel.k8s.io", "v4.channel.k8s.io"
 _STDIN, _STDOUT, _STDERR, _STATUS, _CLOSE = 0, 1, 2, 3, 255
@@ -123,6 +125,16 @@ def _template(value: object, base_dir: Path) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError(f"expected a mapping (or YAML of one) for the pod, got {value!r}")
     return MappingProxyType(dict(value))
+
+
+def _wait_deleted(value: object, base_dir: Path) -> float:
+    """Seconds to wait for a namespace's deletion: true is WAIT_DELETED, false none."""
+    with contextlib.suppress(ValueError):
+        return WAIT_DELETED if boolean(value, base_dir) else 0.0
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError(f"expected true, false or a duration, got {value!r}") from None
 
 
 def _positive(value: object, base_dir: Path) -> float:
@@ -191,7 +203,11 @@ KUBERNETES_OPTIONS = MappingProxyType(
             120.0,
         ),
         "wait_deleted": Option(
-            "wait_deleted", "wait at teardown until the namespace is gone", boolean, False
+            "wait_deleted",
+            "wait at teardown until the namespace is gone: true (up to "
+            f"{WAIT_DELETED:g}s), false, or how long",
+            _wait_deleted,
+            0.0,
         ),
         "qps": Option(
             "qps", "requests per second this process sends to the API server", _positive, 20.0
@@ -210,7 +226,7 @@ class KubeOptions:
     run_as_user: int | str = DEFAULT_UID
     pod_security: str = "restricted"
     start_timeout: float = 120.0
-    wait_deleted: bool = False
+    wait_deleted: float = 0.0
     qps: float = 20.0
 
     @classmethod
@@ -548,7 +564,8 @@ class KubernetesEnvironment(RemoteEnvironment):
     ) -> tuple[bytes, bytes, int | None, bool]:
         """Run ``argv`` in the pod; (stdout, stderr, exit status, timed out).
 
-        The status is None when the exec ended without its status message.  Where the
+        The status is None when the exec ended without its status message.  An exec not
+        even upgraded by its deadline started nothing: that raises CommandTimeout.  Where the
         server is known to speak ``v5``, the end of ``data`` is its CLOSE signal; otherwise
         the command reads exactly ``len(data)`` bytes (``head -c``), as ``v4`` cannot close
         stdin.
@@ -567,7 +584,8 @@ class KubernetesEnvironment(RemoteEnvironment):
                 raise
             except Exception as exc:
                 if deadline is not None and time.monotonic() >= deadline - 0.05:
-                    return b"", b"", None, True
+                    assert timeout is not None
+                    raise CommandTimeout(argv, timeout, "", "") from None
                 raise IsolationError(
                     f"exec in pod {self.namespace}/{self.pod}: no WebSocket upgrade from "
                     f"{self.cluster.server}: {exc}"
@@ -604,9 +622,14 @@ class KubernetesEnvironment(RemoteEnvironment):
         )
         data = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
-        stdout, stderr, code, timed_out = self._exec(
-            ["sh", "-c", script, "sh", *argv], data, timeout
-        )
+        try:
+            stdout, stderr, code, timed_out = self._exec(
+                ["sh", "-c", script, "sh", *argv], data, timeout
+            )
+        except CommandTimeout:  # not even upgraded: nothing started, nothing to kill
+            assert timeout is not None
+            self._remember(argv, None)
+            raise CommandTimeout(argv, timeout, "", "") from None
         text_out, text_err = stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")
         if timed_out or code is None:
             self._kill_tree(marker)
@@ -748,15 +771,17 @@ class KubernetesEngine(Engine):
                 False, reason="the kubernetes client is not installed", fix=_INSTALL_FIX
             )
         options = self.configured()
-        return self._check(options.kubeconfig, options.context)
+        return self._check(options.kubeconfig, options.context, options.qps)
 
-    def _check(self, kubeconfig: str | None, context: str | None) -> Availability:
+    def _check(
+        self, kubeconfig: str | None, context: str | None, qps: float = 20.0
+    ) -> Availability:
         """Whether the cluster of (kubeconfig, context) answers and grants every right the
         engine cannot do without (asked once per cluster)."""
         key = (kubeconfig, context)
         if key not in self._checked:
             try:
-                cluster = self.cluster(kubeconfig, context)
+                cluster = self.cluster(kubeconfig, context, qps)
             except EnvironmentCreationError as exc:
                 self._checked[key] = Availability(
                     False,
@@ -770,6 +795,10 @@ class KubernetesEngine(Engine):
     def doctor(self) -> list[str]:
         """Each right the engine uses, granted or not (for the configured context), and
         whether a deny-all NetworkPolicy is enforced there (probed with ``image``)."""
+        try:
+            import kubernetes  # noqa: F401
+        except ImportError:
+            return []
         options = self.configured()
         try:
             cluster = self.cluster(options.kubeconfig, options.context)
@@ -818,7 +847,7 @@ class KubernetesEngine(Engine):
         from kubernetes.client.exceptions import ApiException
 
         options = KubeOptions.of(spec)
-        availability = self._check(options.kubeconfig, options.context)
+        availability = self._check(options.kubeconfig, options.context, options.qps)
         if not availability:  # a cluster other than the run's, named by the marker
             raise EngineUnavailable(self.name, availability.reason, availability.fix)
         cluster = self.cluster(options.kubeconfig, options.context, options.qps)
@@ -1034,8 +1063,9 @@ class KubernetesEngine(Engine):
                     raise IsolationError(
                         f"deleting namespace {name}: {_api_error(exc, cluster)}"
                     ) from exc
-            if record.data.get("wait"):
-                _wait_gone(cluster, name)
+            wait = record.data.get("wait")
+            if wait:
+                _wait_gone(cluster, name, WAIT_DELETED if wait is True else float(wait))
 
     def sweep_labelled(
         self, *, recorded: set[str], select: Callable[[Mapping[str, str]], bool]
@@ -1341,7 +1371,7 @@ def _pod_verdict(pod: Any) -> str:
     return ""
 
 
-def _wait_gone(cluster: _Cluster, name: str, timeout: float = 120.0) -> None:
+def _wait_gone(cluster: _Cluster, name: str, timeout: float) -> None:
     """Wait until namespace ``name`` is gone (watched; polled where watching is forbidden);
     one still Terminating at ``timeout`` is reported with its conditions."""
     from kubernetes.client.exceptions import ApiException
