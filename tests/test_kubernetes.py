@@ -702,12 +702,13 @@ def test_a_late_service_account_and_throttling_are_waited_out(kube: Kube) -> Non
     assert [r.kind for r in report.released] == ["namespace"]
 
 
-def two_context_kubeconfig(kube: Kube, tmp_path: Path) -> Path:
-    """The stand-in's kubeconfig with a dead cluster as the current context."""
+def two_context_kubeconfig(kube: Kube, tmp_path: Path) -> tuple[Path, str]:
+    """The kubeconfig with a dead cluster as the current context, and the working one's
+    name."""
     import yaml
 
     config = yaml.safe_load(Path(kube.kubeconfig).read_text())
-    [working] = config["contexts"]
+    [working] = [c for c in config["contexts"] if c["name"] == config["current-context"]]
     config["clusters"].append({"name": "dead", "cluster": {"server": "https://127.0.0.1:9"}})
     config["contexts"].append(
         {"name": "dead", "context": {**working["context"], "cluster": "dead"}}
@@ -715,7 +716,7 @@ def two_context_kubeconfig(kube: Kube, tmp_path: Path) -> Path:
     config["current-context"] = "dead"
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(config))
-    return path
+    return path, str(working["name"])
 
 
 def test_doctor_checks_every_right_for_the_configured_context(
@@ -723,9 +724,10 @@ def test_doctor_checks_every_right_for_the_configured_context(
 ) -> None:
     """The current context is dead, the configured one works: doctor says so, lists each
     right (a missing optional one with what it costs) and probes the NetworkPolicy."""
-    standin = standin_only(kube, "a kubeconfig of our own with a dead context")
-    monkeypatch.setenv("KUBECONFIG", str(two_context_kubeconfig(kube, tmp_path)))
-    standin.allow = {("list", "namespaces"): False}
+    kubeconfig, context = two_context_kubeconfig(kube, tmp_path)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    if kube.standin is not None:
+        kube.standin.allow = {("list", "namespaces"): False}
     dead = cli("doctor", module=True)
     assert (
         "[--] kubernetes: unavailable: API server not reachable at https://127.0.0.1:9"
@@ -734,7 +736,7 @@ def test_doctor_checks_every_right_for_the_configured_context(
     doctor = cli(
         "doctor",
         "--isolation-kube-context",
-        "standin",
+        context,
         "--isolation-option",
         f"kubernetes.image={kube.image}",
         module=True,
@@ -743,16 +745,21 @@ def test_doctor_checks_every_right_for_the_configured_context(
     lines = doctor.stdout.splitlines()
     [summary] = [line for line in lines if "kubernetes:" in line]
     assert "[ok] kubernetes: available" in summary
-    assert "(context standin)" in summary and "not: list namespaces" in summary
+    assert f"(context {context})" in summary
     for right in ("create namespaces", "get pods/exec", "create networkpolicies.networking.k8s.io"):
         assert f"       ok {right}" in lines
+    [probe] = [line for line in lines if line.startswith("       NetworkPolicy: ")]
+    if kube.standin is None:
+        assert probe.split(": ", 1)[1].startswith(("enforced", "not enforced"))
+        return
+    assert probe == "       NetworkPolicy: enforced"
+    assert "not: list namespaces" in summary
     assert any(
         line.startswith("       -- list namespaces (optional: without it label sweeps")
         for line in lines
     )
-    assert "       NetworkPolicy: enforced" in lines
-    standin.allow = {("get", "pods/exec"): False}
-    refused = cli("doctor", "--isolation-kube-context", "standin", module=True)
+    kube.standin.allow = {("get", "pods/exec"): False}
+    refused = cli("doctor", "--isolation-kube-context", context, module=True)
     assert "unavailable: this user may not get pods/exec in https://127.0.0.1" in refused.stdout
 
 
@@ -811,10 +818,10 @@ def test_sweeps_ask_the_configured_context_and_judge_owners_by_pid_namespace(
     """cleanup with the configured context (the current one is dead) deletes a namespace
     of a dead runner of this PID namespace, and leaves one whose runner had the same host
     name and pid but another PID namespace."""
-    standin_only(kube, "a kubeconfig of our own with a dead context")
     core = kube.core()
-    monkeypatch.setenv("KUBECONFIG", str(two_context_kubeconfig(kube, tmp_path)))
-    monkeypatch.setenv("PYTEST_ISOLATION_OPTIONS", "kubernetes.context=standin")
+    kubeconfig, context = two_context_kubeconfig(kube, tmp_path)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("PYTEST_ISOLATION_OPTIONS", f"kubernetes.context={context}")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
 
@@ -857,3 +864,25 @@ def test_a_cluster_that_ignores_network_policy_is_reported(kube: Kube) -> None:
         assert env.run(["python3", "-c", REACH_API_SERVER]).stdout == "open\n"
         sections = dict(env.report_sections())
         assert "not enforced" in sections[f"network of {env.namespace}/{env.pod}"]
+
+
+def test_the_documented_cluster_role_grants_exactly_the_rights_the_engine_uses() -> None:
+    import yaml
+
+    from pytest_isolation.engines.kubernetes import RIGHTS
+
+    text = (Path(__file__).parents[1] / "docs" / "engines.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    role = next(doc for doc in yaml.safe_load_all(block) if doc["kind"] == "ClusterRole")
+    granted = {
+        (verb, resource, group)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    used = {
+        (verb, f"{resource}/{sub}" if sub else resource, group)
+        for verb, resource, sub, group, _ in RIGHTS
+    }
+    assert granted == used
