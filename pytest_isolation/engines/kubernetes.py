@@ -881,7 +881,10 @@ class KubernetesEngine(Engine):
             cluster.call(core.create_namespaced_pod, namespace, pod)
         except ApiException as exc:
             raise EnvironmentCreationError(self.name, _api_error(exc, cluster)) from exc
-        self._wait_ready(cluster, namespace, pod["metadata"]["name"], options.start_timeout)
+        try:
+            self._wait_ready(cluster, namespace, pod["metadata"]["name"], options.start_timeout)
+        except ApiException as exc:  # watching the pod was refused
+            raise EnvironmentCreationError(self.name, _api_error(exc, cluster)) from exc
         env = KubernetesEnvironment(
             env_id=env_id,
             spec=spec,
