@@ -1,6 +1,7 @@
 """``pytest-isolation``: check engines, list environments, clean up leftovers.
 
-pytest-isolation doctor              which engines work here, and why not
+pytest-isolation doctor [--isolation-kube-context C] [--isolation-option E.O=V]
+                                     which engines work here, and why not
 pytest-isolation list                live, kept and leftover environments
 pytest-isolation cleanup [--all] [--dry-run] [--templates]
 """
@@ -8,6 +9,7 @@ pytest-isolation cleanup [--all] [--dry-run] [--templates]
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
@@ -16,7 +18,10 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
+from .engines.base import Engine
+from .errors import InvalidSpec
 from .manager import IsolationManager, SweepReport
+from .spec import Layer, Settings
 
 if TYPE_CHECKING:
     from .ledger import ResourceRecord
@@ -27,7 +32,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="pytest-isolation", description="Isolated environments for pytest: maintenance."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("doctor", help="say which engines work on this machine, and why not")
+    doctor_parser = commands.add_parser(
+        "doctor", help="say which engines work on this machine, and why not"
+    )
+    doctor_parser.add_argument(
+        "--isolation-option",
+        action="append",
+        default=[],
+        metavar="ENGINE.OPTION=VALUE",
+        help="an engine option default, as for pytest (also PYTEST_ISOLATION_OPTIONS)",
+    )
+    doctor_parser.add_argument(
+        "--isolation-kube-context",
+        metavar="CONTEXT",
+        help="the kubeconfig context to check (kubernetes.context=CONTEXT)",
+    )
     commands.add_parser("list", help="list live, kept and leftover environments")
     cleanup = commands.add_parser(
         "cleanup", help="remove what ended runs left behind, kept environments included"
@@ -40,12 +59,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--templates", action="store_true", help="also remove cached templates (virtualenv)"
     )
     args = parser.parse_args(argv)
-    with IsolationManager() as manager:
+    try:
+        settings = _settings(args)
+    except InvalidSpec as exc:
+        parser.error(str(exc))
+    with IsolationManager(settings=settings) as manager:
         if args.command == "doctor":
             return doctor(manager)
         if args.command == "list":
             return list_environments(manager)
         return clean(manager, everything=args.all, dry_run=args.dry_run, templates=args.templates)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Engine option defaults (which cluster) from doctor's flags over
+    PYTEST_ISOLATION_OPTIONS."""
+    options = list(getattr(args, "isolation_option", []))
+    if getattr(args, "isolation_kube_context", None):
+        options.append(f"kubernetes.context={args.isolation_kube_context}")
+    environ = os.environ.get("PYTEST_ISOLATION_OPTIONS", "")
+    return Settings.resolve(
+        [
+            Layer("the command line", {"options": options}),
+            Layer("PYTEST_ISOLATION_OPTIONS", {"options": [o for o in environ.split(";") if o]}),
+        ]
+    )
 
 
 def doctor(manager: IsolationManager) -> int:
@@ -68,6 +106,13 @@ def doctor(manager: IsolationManager) -> int:
         else:
             fix = f"; fix: {availability.fix}" if availability.fix else ""
             print(f"  [--] {name}: unavailable: {availability.reason}{fix}")
+        if name in manager.registry and manager.registry.get(name).doctor is not Engine.doctor:
+            try:
+                lines = manager.engine(name).doctor()
+            except Exception as exc:
+                lines = [f"not checked further: {exc}"]
+            for line in lines:
+                print(f"       {line}")
     try:
         clash = version("pytest-isolated")
     except PackageNotFoundError:

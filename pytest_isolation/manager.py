@@ -208,6 +208,7 @@ class IsolationManager:
             cache_dir=cache or cache_dir(),
             temp_dir=temp_dir or Path(tempfile.gettempdir()),
             ledger=self.ledger,
+            settings=self.settings,
         )
         self.registry = EngineRegistry()
         self.hook.pytest_isolation_register_engines.call_historic(

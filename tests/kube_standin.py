@@ -5,22 +5,35 @@ No real cluster, API server or kubelet can run on the machines the tests run on,
 protocols the official ``kubernetes`` Python client uses, so the engine cannot tell it from a
 cluster:
 
-* plain HTTP/1.1 with JSON bodies in the shapes of the Kubernetes API (lists, ``metav1.Status``
-  error bodies with the real reasons and codes), a bearer token checked on every request, label
-  and field selectors, ``generateName``, resource versions and watches;
+* HTTP/1.1 over TLS (a self-signed CA, written into the kubeconfig) with JSON bodies in the
+  shapes of the Kubernetes API (lists, ``metav1.Status`` error bodies with the real reasons and
+  codes), a bearer token checked on every request, label and field selectors,
+  ``generateName``, resource versions and watches.  TLS ends in a relay thread per connection
+  that forwards whatever has arrived in one write, as a proxy does: several WebSocket frames
+  then share one TLS record;
 * a kubeconfig file for ``kubernetes.config.load_kube_config(config_file=...)``;
-* pods that are REAL Docker containers (docker SDK, network mode ``none``), started by a small
-  "kubelet" thread that moves them through Pending and Running and records Events;
+* pods that are REAL Docker containers (docker SDK), started by a small "kubelet" thread that
+  moves them through Pending and Running and records Events.  A pod has the host's network
+  (so it reaches the stand-in on 127.0.0.1, as ``KUBERNETES_SERVICE_HOST`` says) unless a
+  NetworkPolicy of its namespace denies its egress and ``enforce_network_policy`` is set (a
+  CNI that enforces policies): then it has none;
 * ``exec`` over an RFC 6455 WebSocket speaking ``v5.channel.k8s.io`` / ``v4.channel.k8s.io``
   with the kubelet's channel layout and its status message on channel 3, run through the
-  docker exec API with stdin attached.
+  docker exec API with stdin attached.  Authorised as a kubelet-facing API server does: a
+  WebSocket exec (GET) needs ``get`` on ``pods/exec``, and also ``create`` from 1.35 on;
+  a client that disconnects leaves its process running (kubernetes#89031);
+* admission as a cluster does it where tests depend on it: Pod Security ``restricted`` or
+  ``baseline`` enforced by the namespace label ``pod-security.kubernetes.io/enforce``, a
+  ``default`` ServiceAccount that appears ``serviceaccount_delay`` seconds after its
+  namespace (pods before then get the 403 "error looking up service account"), and 429 with
+  Retry-After on request (``throttle``).
 
-What it leaves out (and a real cluster has): TLS, RBAC objects (``allow`` decides instead),
-PATCH/PUT, pod networking, image pulls (only local images run: ``imagePullPolicy`` is ignored),
-more than one container per pod, volumes other than ``emptyDir`` (a tmpfs here), init
-containers and probes.  Grace periods are honoured up to ``grace_cap`` seconds, so tests stay
-quick.  Every container it makes is labelled ``pytest-isolation-standin=<server id>`` and
-``stop()`` removes them all.
+What it leaves out (and a real cluster has): RBAC objects (``allow`` decides instead),
+PATCH/PUT, image pulls (only local images run: ``imagePullPolicy`` is ignored), more than one
+container per pod, volumes other than ``emptyDir`` (a tmpfs, mode 0777 as the kubelet makes
+it), NetworkPolicy rules other than "deny all egress", init containers and probes.  Grace
+periods are honoured up to ``grace_cap`` seconds, so tests stay quick.  Every container it
+makes is labelled ``pytest-isolation-standin=<server id>`` and ``stop()`` removes them all.
 """
 
 from __future__ import annotations
@@ -33,8 +46,10 @@ import json
 import math
 import re
 import secrets
+import select
 import shutil
 import socket
+import ssl
 import struct
 import sys
 import tempfile
@@ -56,7 +71,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import docker
 import docker.errors
 import docker.utils
-import psutil
+import trustme
 import yaml
 
 #: A JSON object as the API sends and receives it.
@@ -83,6 +98,11 @@ _WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _MAX_MESSAGE = 64 * 1024 * 1024
 _STDIN, _STDOUT, _STDERR, _ERROR, _RESIZE, _CLOSE = 0, 1, 2, 3, 4, 255
+#: An image reference as a container runtime parses it (lowercase repository, tag, digest).
+_IMAGE_RE = re.compile(
+    r"[a-z0-9]+([._-]+[a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?"
+)
 _LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _SUFFIXES: dict[str, Decimal] = {
@@ -139,12 +159,20 @@ def status_body(code: int, reason: str, message: str, details: Obj | None = None
 class ApiError(Exception):
     """An error the stand-in answers with a ``metav1.Status`` body."""
 
-    def __init__(self, code: int, reason: str, message: str, details: Obj | None = None) -> None:
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        details: Obj | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
         self.details = details
+        self.headers = dict(headers or {})
 
     def body(self) -> Obj:
         return status_body(self.code, self.reason, self.message, self.details)
@@ -577,19 +605,23 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             standin._serve(self, method, body)
         except ApiError as error:
-            self.send_json(error.code, error.body())
+            self.send_json(error.code, error.body(), error.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as error:
             standin._record_error(f"{method} {self.path}", error)
             self.send_json(500, status_body(500, "InternalError", f"stand-in failure: {error!r}"))
 
-    def send_json(self, code: int, obj: Obj) -> None:
-        self.send_bytes(code, json.dumps(obj).encode(), "application/json")
+    def send_json(self, code: int, obj: Obj, headers: Mapping[str, str] | None = None) -> None:
+        self.send_bytes(code, json.dumps(obj).encode(), "application/json", headers)
 
-    def send_bytes(self, code: int, data: bytes, content_type: str) -> None:
+    def send_bytes(
+        self, code: int, data: bytes, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         try:
             self.send_response(code)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-cache, private")
@@ -612,6 +644,105 @@ class _Handler(BaseHTTPRequestHandler):
     def end_chunked(self) -> None:
         with contextlib.suppress(OSError):
             self.wfile.write(b"0\r\n\r\n")
+
+
+class _TlsFront:
+    """TLS for the server: accepts on 127.0.0.1, ends TLS, relays to the HTTP server.
+
+    One thread per connection moves bytes both ways through non-blocking sockets with a
+    buffer each way, so the TLS object is only ever used by that thread, and whatever has
+    arrived goes on in one write (several WebSocket frames in one TLS record, as behind a
+    proxy).
+    """
+
+    _LIMIT = 1 << 20
+
+    def __init__(self, server: _Server, context: ssl.SSLContext, stopping: threading.Event):
+        self.server = server
+        self.context = context
+        self.stopping = stopping
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._accept, name="kube-standin-tls", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(10)
+        for thread in list(self.threads):
+            thread.join(10)
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, address = self.listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(
+                target=self._relay, args=(conn, address), name="kube-standin-relay", daemon=True
+            )
+            self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+            thread.start()
+
+    def _relay(self, conn: socket.socket, address: Any) -> None:
+        try:
+            conn.settimeout(10)
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError):
+            conn.close()
+            return
+        inner, outer = socket.socketpair()
+        self.server.process_request(inner, address)
+        try:
+            self._pump(tls, outer)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            outer.close()
+            tls.close()
+
+    def _pump(self, tls: ssl.SSLSocket, plain: socket.socket) -> None:
+        tls.setblocking(False)
+        plain.setblocking(False)
+        up, down = bytearray(), bytearray()  # client to server, server to client
+        client_done = server_done = half_closed = False
+        while not self.stopping.is_set():
+            if server_done and not down:
+                return
+            readers: list[socket.socket] = []
+            if not client_done and len(up) < self._LIMIT:
+                readers.append(tls)
+            if not server_done and len(down) < self._LIMIT:
+                readers.append(plain)
+            writers = ([plain] if up else []) + ([tls] if down else [])
+            ready = tls in readers and tls.pending() > 0
+            readable, writable, _ = select.select(readers, writers, [], 0 if ready else 0.5)
+            if ready or tls in readable:
+                try:
+                    data = tls.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    data = None
+                if data == b"":
+                    client_done = True
+                elif data:
+                    up += data
+            if plain in readable:
+                data = plain.recv(65536)
+                if not data:
+                    server_done = True
+                down += data
+            if plain in writable and up:
+                del up[: plain.send(up)]
+            if client_done and not up and not half_closed:
+                half_closed = True
+                with contextlib.suppress(OSError):
+                    plain.shutdown(socket.SHUT_WR)
+            if tls in writable and down:
+                with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    del down[: tls.send(down)]
 
 
 # --- the kubelet's view of a pod --------------------------------------------------------------
@@ -645,8 +776,13 @@ class KubeStandIn:
     Started on construction, stopped by ``stop()`` or leaving the ``with`` block, which removes
     every container it made.  Settable: ``token_valid`` (False: every request gets 401),
     ``allow`` (a ``{(verb, resource): bool}`` mapping, missing keys allowed, ``"*"`` matching
-    any verb or resource; or a callable ``(verb, resource) -> bool``), ``grace_cap`` and
-    ``namespace_linger``.  To inspect: ``namespaces``, ``objects`` (by plural, keyed by
+    any verb or resource; or a callable ``(verb, resource) -> bool``), ``grace_cap``,
+    ``namespace_linger``, ``minor`` (the Kubernetes 1.x it claims to be),
+    ``serviceaccount_delay``, ``enforce_network_policy``, ``drop_exec_status`` (end execs
+    without their status message, as a kubelet's idle timeout does), ``hold_exec_upgrade``
+    (accept execs and never answer), ``deletion_blocked`` (a message: namespaces stay
+    Terminating with that condition, as when an aggregated API is down) and ``throttle()``.
+    To inspect: ``namespaces``, ``objects`` (by plural, keyed by
     ``(namespace, name)``), ``pods``, ``events``, ``request_log`` (``(method, path)``),
     ``request_times``, ``access_reviews``, ``exec_log`` and ``errors`` (failures of the stand-in
     itself; tests should find it empty).
@@ -655,12 +791,11 @@ class KubeStandIn:
     def __init__(self, directory: Path | None = None, *, token: str | None = None) -> None:
         self.server_id = uuid.uuid4().hex[:12]
         self.token = token or secrets.token_urlsafe(24)
-        self.token_valid = True
-        self.allow: Allow = {}
         #: Longest grace period honoured, in seconds (a real cluster waits the full period).
         self.grace_cap = 1.0
         #: Shortest time a deleted namespace stays visible as Terminating.
         self.namespace_linger = 0.3
+        self._namespace_born: dict[str, float] = {}
         self.namespaces: dict[str, Obj] = {}
         self.objects: dict[str, dict[tuple[str, str], Obj]] = {
             kind.plural: {} for kind in _KINDS if kind.namespaced
@@ -671,6 +806,7 @@ class KubeStandIn:
         self.exec_log: list[tuple[str, str, list[str]]] = []
         self.errors: list[str] = []
         self._lock = threading.RLock()
+        self.reset()
         self._changed = threading.Condition(self._lock)
         self._history: deque[tuple[int, str, str, str, Obj]] = deque(maxlen=4096)
         self._rv = 1
@@ -689,9 +825,17 @@ class KubeStandIn:
         for name in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self._store_namespace(self._new_namespace(name, {}, {}, None))
         self._server = _Server(self)
-        self.port: int = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ca = trustme.CA()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        self._front = _TlsFront(self._server, context, self._stopping)
+        self.port: int = self._front.port
+        self.url = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = self.directory / "kubeconfig"
+        #: The CA that signed the server's certificate (PEM), for clients other than the
+        #: kubeconfig's.
+        self.ca_file = self.directory / "ca.crt"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
         self._write_kubeconfig()
         self._http_thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -722,6 +866,7 @@ class KubeStandIn:
         self._wake.set()
         self._server.shutdown()
         self._server.server_close()
+        self._front.close()
         with self._changed:
             self._changed.notify_all()
         with self._server.connections_lock:
@@ -775,7 +920,17 @@ class KubeStandIn:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+            "clusters": [
+                {
+                    "name": "standin",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": base64.b64encode(
+                            self.ca.cert_pem.bytes()
+                        ).decode(),
+                    },
+                }
+            ],
             "users": [{"name": USER_NAME, "user": {"token": self.token}}],
             "contexts": [
                 {
@@ -891,6 +1046,18 @@ class KubeStandIn:
         auth = handler.headers.get("Authorization") or ""
         if not self.token_valid or auth != f"Bearer {self.token}":
             raise ApiError(401, "Unauthorized", "Unauthorized")
+        with self._lock:
+            throttled = self._throttled > 0 and url.path.rstrip("/") != "/version"
+            if throttled:
+                self._throttled -= 1
+        if throttled:
+            raise ApiError(
+                429,
+                "TooManyRequests",
+                "Too many requests, please try again later.",
+                {"retryAfterSeconds": self._retry_after},
+                {"Retry-After": str(self._retry_after)},
+            )
         query = parse_qs(url.query, keep_blank_values=True)
         for number in (
             "gracePeriodSeconds",
@@ -971,6 +1138,25 @@ class KubeStandIn:
             accepted = pending and options.get("orphanDependents") is False
             handler.send_json(202 if accepted else 200, deleted)
 
+    def reset(self) -> None:
+        """Every setting back to a healthy cluster's."""
+        self.token_valid = True
+        self.allow: Allow = {}
+        self.minor = 33
+        self.protocols: tuple[str, ...] = PROTOCOLS
+        #: Seconds after its namespace until the ``default`` ServiceAccount exists.
+        self.serviceaccount_delay = 0.0
+        self.enforce_network_policy = True
+        self.drop_exec_status = False
+        self.hold_exec_upgrade = False
+        self.deletion_blocked: str | None = None
+        self._throttled, self._retry_after = 0, 1
+
+    def throttle(self, count: int, retry_after: int = 1) -> None:
+        """Answer the next ``count`` requests (but ``/version``) with 429 and Retry-After."""
+        with self._lock:
+            self._throttled, self._retry_after = count, retry_after
+
     def _authorize(self, verb: str, resource: str, namespace: str | None, name: str) -> None:
         if self._allowed(verb, resource):
             return
@@ -993,12 +1179,12 @@ class KubeStandIn:
         if parts == ["version"]:
             return {
                 "major": "1",
-                "minor": "33",
+                "minor": str(self.minor),
                 "emulationMajor": "1",
-                "emulationMinor": "33",
+                "emulationMinor": str(self.minor),
                 "minCompatibilityMajor": "1",
-                "minCompatibilityMinor": "32",
-                "gitVersion": "v1.33.0-standin",
+                "minCompatibilityMinor": str(self.minor - 1),
+                "gitVersion": f"v1.{self.minor}.0-standin",
                 "gitCommit": "0000000000000000000000000000000000000000",
                 "gitTreeState": "clean",
                 "buildDate": "2025-01-01T00:00:00Z",
@@ -1225,6 +1411,8 @@ class KubeStandIn:
             store = self._store_of(kind)
             name = self._name_for(kind, data, lambda n: (namespace, n) in store)
             if kind.plural == "pods":
+                self._check_service_account(namespace, name, data)
+                self._check_pod_security(namespace, name, data)
                 obj = self._admit_pod(namespace, name, data)
             else:
                 obj = copy.deepcopy(data)
@@ -1305,6 +1493,7 @@ class KubeStandIn:
             annotations = _string_map(metadata.get("annotations"), "annotations")
             namespace = self._new_namespace(name, labels, annotations, metadata.get("generateName"))
             self._store_namespace(namespace)
+            self._namespace_born[name] = time.monotonic()
             return copy.deepcopy(namespace)
 
     def _delete(self, kind: _Kind, namespace: str | None, name: str, options: Obj) -> Obj:
@@ -1347,6 +1536,9 @@ class KubeStandIn:
             self.access_reviews.append(copy.deepcopy(spec))
         if attributes:
             resource = attributes.get("resource") or ""
+            group = attributes.get("group") or ""
+            if group and all(group != kind.group for kind in _KINDS):
+                resource = f"{resource}.{group}"  # an API the stand-in does not serve
             if attributes.get("subresource"):
                 resource = f"{resource}/{attributes['subresource']}"
             verb = attributes.get("verb") or ""
@@ -1427,6 +1619,87 @@ class KubeStandIn:
         spec.setdefault("priority", 0)
         pod["status"] = {"phase": "Pending", "qosClass": self._qos(container)}
         return pod
+
+    def _check_service_account(self, namespace: str, name: str, data: Obj) -> None:
+        """The ServiceAccount admission plugin: the pod's account must exist already."""
+        account = (data.get("spec") or {}).get("serviceAccountName") or "default"
+        born = self._namespace_born.get(namespace)
+        if account == "default" and (
+            born is None or time.monotonic() - born >= self.serviceaccount_delay
+        ):
+            return
+        raise _forbidden(
+            "pods",
+            name,
+            f"error looking up service account {namespace}/{account}: "
+            f'serviceaccount "{account}" not found',
+        )
+
+    def _check_pod_security(self, namespace: str, name: str, data: Obj) -> None:
+        """Pod Security admission, for a namespace labelled to enforce ``baseline`` or
+        ``restricted``: the checks of those levels that pods here can fail."""
+        labels = self.namespaces[namespace]["metadata"].get("labels") or {}
+        level = labels.get("pod-security.kubernetes.io/enforce", "privileged")
+        if level not in ("baseline", "restricted"):
+            return
+        spec = data.get("spec") or {}
+        pod_context = spec.get("securityContext") or {}
+        problems: list[str] = []
+        containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            if spec.get(flag):
+                problems.append(f"host namespaces ({flag}=true)")
+        for container in containers:
+            context = container.get("securityContext") or {}
+            if context.get("privileged"):
+                problems.append(
+                    f'privileged (container "{container.get("name")}" must not set '
+                    "securityContext.privileged=true)"
+                )
+        for volume in spec.get("volumes") or []:
+            if "hostPath" in volume:
+                problems.append(f'hostPath volumes (volume "{volume.get("name")}")')
+        if level == "restricted":
+            allowed_volumes = (
+                "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                "persistentVolumeClaim", "projected", "secret",
+            )  # fmt: skip
+            for volume in spec.get("volumes") or []:
+                if not any(kind in volume for kind in allowed_volumes):
+                    problems.append(f'restricted volume types (volume "{volume.get("name")}")')
+            for container in containers:
+                context = container.get("securityContext") or {}
+                who = f'container "{container.get("name")}"'
+                if context.get("allowPrivilegeEscalation") is not False:
+                    problems.append(
+                        f"allowPrivilegeEscalation != false ({who} must set "
+                        "securityContext.allowPrivilegeEscalation=false)"
+                    )
+                capabilities = context.get("capabilities") or {}
+                if "ALL" not in (capabilities.get("drop") or []) or set(
+                    capabilities.get("add") or []
+                ) - {"NET_BIND_SERVICE"}:
+                    problems.append(
+                        f"unrestricted capabilities ({who} must set "
+                        'securityContext.capabilities.drop=["ALL"])'
+                    )
+                if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
+                    problems.append(
+                        f"runAsNonRoot != true (pod or {who} must set "
+                        "securityContext.runAsNonRoot=true)"
+                    )
+                if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+                    problems.append(f"runAsUser=0 ({who} must not set runAsUser=0)")
+                profile = context.get("seccompProfile") or pod_context.get("seccompProfile") or {}
+                if profile.get("type") not in ("RuntimeDefault", "Localhost"):
+                    problems.append(
+                        f"seccompProfile (pod or {who} must set securityContext.seccompProfile"
+                        '.type to "RuntimeDefault" or "Localhost")'
+                    )
+        if problems:
+            raise _forbidden(
+                "pods", name, f'violates PodSecurity "{level}:latest": {", ".join(problems)}'
+            )
 
     @staticmethod
     def _qos(container: Obj) -> str:
@@ -1561,7 +1834,6 @@ class KubeStandIn:
         sub: str,
         query: Mapping[str, list[str]],
     ) -> None:
-        verb = "get" if sub == "log" else "create"
         allowed_methods = ("GET",) if sub == "log" else ("GET", "POST")
         if method not in allowed_methods:
             raise ApiError(
@@ -1569,7 +1841,13 @@ class KubeStandIn:
                 "MethodNotAllowed",
                 "the server does not allow this method on the requested resource",
             )
-        self._authorize(verb, f"pods/{sub}", namespace, name)
+        # a WebSocket exec is a GET, authorised as "get"; from 1.35 also as "create"
+        # (kubernetes#134577), which a POST (SPDY) always needed
+        verbs = ["get" if method == "GET" else "create"]
+        if sub == "exec" and method == "GET" and self.minor >= 35:
+            verbs.append("create")
+        for verb in verbs:
+            self._authorize(verb, f"pods/{sub}", namespace, name)
         with self._lock:
             pod = self.pods.get((namespace, name))
             if pod is None:
@@ -1651,7 +1929,7 @@ class KubeStandIn:
         if headers.get("Sec-WebSocket-Version") != "13" or len(base64.b64decode(key + "==")) < 16:
             raise _bad_request("unable to upgrade connection: bad websocket handshake")
         offered = [p.strip() for p in (headers.get("Sec-WebSocket-Protocol") or "").split(",")]
-        protocol = next((p for p in PROTOCOLS if p in offered), None)
+        protocol = next((p for p in self.protocols if p in offered), None)
         if protocol is None:
             raise _bad_request(
                 "unable to upgrade connection: none of the offered subprotocols "
@@ -1659,6 +1937,12 @@ class KubeStandIn:
             )
         if runtime is None or runtime.container_id is None or runtime.stage != "running":
             raise _bad_request(f'unable to upgrade connection: container not found ("{container}")')
+        if self.hold_exec_upgrade:  # a server that accepts and never upgrades
+            handler.close_connection = True
+            with contextlib.suppress(OSError, ValueError):
+                while not self._stopping.is_set() and handler.rfile.read1(65536):
+                    pass
+            return
         container_id = runtime.container_id
         api = self._new_api()
         try:
@@ -1896,6 +2180,16 @@ class KubeStandIn:
             container=False,
         )
         image_name = runtime.image
+        if not _IMAGE_RE.fullmatch(image_name):
+            message = (
+                f'Failed to apply default image tag "{image_name}": couldn\'t parse image name '
+                f'"{image_name}": invalid reference format'
+            )
+            runtime.stage = "config-error"
+            self._mutate_pod(runtime, self._waiting(runtime, "InvalidImageName", message))
+            self._event(pod, "Warning", "InspectFailed", message)
+            self._event(pod, "Warning", "Failed", "Error: InvalidImageName")
+            return
         try:
             image = self.docker.images.get(image_name)
         except docker.errors.ImageNotFound:
@@ -1942,8 +2236,20 @@ class KubeStandIn:
             self._mutate_pod(runtime, self._waiting(runtime, "RunContainerError", str(error)))
             self._event(pod, "Warning", "Failed", f"Error: {error}")
             return
+        self._open_empty_dirs(runtime.container_id, list(config.get("tmpfs") or {}))
         self._mark_running(runtime)
         self._event(pod, "Normal", "Started", f"Started container {runtime.container}")
+
+    def _open_empty_dirs(self, container_id: str | None, mounts: list[str]) -> None:
+        """Make emptyDirs 0777, as the kubelet does: docker resets a tmpfs that is also the
+        working directory to 0755 when it makes that directory."""
+        if not mounts or container_id is None:
+            return
+        with contextlib.suppress(docker.errors.APIError):
+            exec_id = self.docker.api.exec_create(
+                container_id, ["chmod", "0777", *mounts], user="0", stdout=False, stderr=False
+            )["Id"]
+            self.docker.api.exec_start(exec_id)
 
     def _mark_running(self, runtime: _Runtime, last: Obj | None = None) -> None:
         assert runtime.container_id is not None
@@ -2114,6 +2420,9 @@ class KubeStandIn:
                 deleted_at = self._deleted_at.get(name, 0.0)
                 if busy or time.monotonic() - deleted_at < self.namespace_linger:
                     continue
+                if self.deletion_blocked is not None:
+                    self._block_deletion(self.namespaces[name], self.deletion_blocked)
+                    continue
                 for plural, store in self.objects.items():
                     for key in [k for k in store if k[0] == name]:
                         self._changed_object(plural, name, "DELETED", store.pop(key))
@@ -2121,7 +2430,44 @@ class KubeStandIn:
                 self._deleted_at.pop(name, None)
                 self._changed_object("namespaces", "", "DELETED", namespace)
 
+    def _block_deletion(self, namespace: Obj, message: str) -> None:
+        """Keep a namespace Terminating with the condition the namespace controller sets
+        when it cannot list every API (an aggregated API down); the caller holds the lock."""
+        conditions = namespace["status"].setdefault("conditions", [])
+        if any(c["type"] == "NamespaceDeletionDiscoveryFailure" for c in conditions):
+            return
+        conditions.append(
+            {
+                "type": "NamespaceDeletionDiscoveryFailure",
+                "status": "True",
+                "lastTransitionTime": now_rfc3339(),
+                "reason": "DiscoveryFailed",
+                "message": message,
+            }
+        )
+        self._changed_object("namespaces", "", "MODIFIED", namespace)
+
     # -- containers --
+
+    def _egress_denied(self, pod: Obj) -> bool:
+        """Whether an enforced NetworkPolicy of the pod's namespace selects it for egress."""
+        if not self.enforce_network_policy:
+            return False
+        labels = pod["metadata"].get("labels") or {}
+        with self._lock:
+            policies = [
+                copy.deepcopy(policy)
+                for (ns, _), policy in self.objects["networkpolicies"].items()
+                if ns == pod["metadata"]["namespace"]
+            ]
+        for policy in policies:
+            spec = policy.get("spec") or {}
+            wanted = (spec.get("podSelector") or {}).get("matchLabels") or {}
+            if all(labels.get(k) == v for k, v in wanted.items()) and "Egress" in (
+                spec.get("policyTypes") or []
+            ):
+                return True
+        return False
 
     def _container_config(self, pod: Obj, image_user: str) -> dict[str, Any]:
         """docker ``containers.create`` arguments for a pod; raises _ConfigError."""
@@ -2137,6 +2483,9 @@ class KubeStandIn:
             "status.hostIP": "127.0.0.1",
             "status.podIP": "",
         }
+        # the kubelet always sets the API server's Service address
+        env["KUBERNETES_SERVICE_HOST"] = "127.0.0.1"
+        env["KUBERNETES_SERVICE_PORT"] = str(self.port)
         for item in container.get("env") or []:
             name = item["name"]
             if "valueFrom" in item:
@@ -2161,7 +2510,7 @@ class KubeStandIn:
                 POD_LABEL: f"{metadata['namespace']}/{metadata['name']}",
             },
             "hostname": metadata["name"][:63],
-            "network_mode": "none",
+            "network_mode": "none" if self._egress_denied(pod) else "host",
             "environment": [f"{k}={v}" for k, v in env.items()],
             "stdin_open": bool(container.get("stdin")),
             "tty": bool(container.get("tty")),
@@ -2224,7 +2573,7 @@ class KubeStandIn:
                     f'stand-in: volume "{mount.get("name")}": only emptyDir volumes without '
                     "subPath are supported"
                 )
-            options = ["ro" if mount.get("readOnly") else "rw", "exec", "mode=1777"]
+            options = ["ro" if mount.get("readOnly") else "rw", "exec", "mode=0777"]
             size = (volume.get("emptyDir") or {}).get("sizeLimit")
             if size:
                 options.append(f"size={int(parse_quantity(size))}")
@@ -2232,32 +2581,6 @@ class KubeStandIn:
         if tmpfs:
             config["tmpfs"] = tmpfs
         return config
-
-    def _kill_exec(self, api: docker.APIClient, exec_id: str, container_id: str) -> None:
-        """Kill an exec'd process and its descendants (by host pid) when its client left."""
-        try:
-            info = api.exec_inspect(exec_id)
-        except docker.errors.APIError:
-            return
-        pid = int(info.get("Pid") or 0)
-        if not pid or not info.get("Running"):
-            return
-        try:
-            cgroup = Path(f"/proc/{pid}/cgroup").read_text()
-        except OSError:
-            self.errors.append(f"exec {exec_id}: pid {pid} not visible here, process not killed")
-            return
-        if container_id not in cgroup:
-            self.errors.append(f"exec {exec_id}: pid {pid} is not in container {container_id}")
-            return
-        try:
-            process = psutil.Process(pid)
-            family = [process, *process.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for member in family:  # orphans become zombies of the container's pid 1, as on a node
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.kill()
 
 
 class _ExecSession:
@@ -2300,7 +2623,8 @@ class _ExecSession:
                 return
             status = self._status(held)
             self.server_done.set()
-            self.ws.send_channel(_ERROR, json.dumps(status, separators=(",", ":")).encode())
+            if not self.standin.drop_exec_status:
+                self.ws.send_channel(_ERROR, json.dumps(status, separators=(",", ":")).encode())
             self.ws.close(1000)
             reader.join(2.0)
         finally:
@@ -2390,7 +2714,8 @@ class _ExecSession:
         }
 
     def _pump_client(self, stdin: bool, tty: bool) -> None:
-        """Client to exec: stdin, stdin's end (v5), resizes; an early close kills the exec."""
+        """Client to exec: stdin, stdin's end (v5), resizes.  An early close ends the streams
+        and leaves the process running, as a kubelet does."""
         while True:
             try:
                 message = self.ws.read_message()
@@ -2404,7 +2729,6 @@ class _ExecSession:
                 if message is not None and not self.ws.close_sent:
                     self.ws.send(_OP_CLOSE, message[1][:2])
                 if early:
-                    self.standin._kill_exec(self.api, self.exec_id, self.container_id)
                     with contextlib.suppress(OSError):
                         self.sock.shutdown(socket.SHUT_RDWR)
                 return

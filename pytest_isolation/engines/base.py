@@ -11,6 +11,7 @@ of a killed run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 import shlex
@@ -31,7 +32,7 @@ from ..execution import Command, ExecResult, Usage, normalize_command
 from ..ledger import Ledger, Owner, ResourceRecord, process_started, same_process
 
 if TYPE_CHECKING:
-    from ..spec import EnvSpec, Option
+    from ..spec import EnvSpec, Option, Settings
 
 __all__ = [
     "Availability",
@@ -76,6 +77,9 @@ class EngineContext:
     cache_dir: Path
     temp_dir: Path
     ledger: Ledger
+    #: The run's settings (engine option defaults from the command line, environment and
+    #: ini), for checks that must use them before any environment asks (which cluster).
+    settings: Settings | None = None
 
     def engine_resources(self, engine: str, release: Callable[[ResourceRecord], None]) -> Resources:
         """A stack for resources an engine keeps across environments (networks, pools)."""
@@ -134,6 +138,14 @@ class Resources:
         with self._lock:
             self._stack.append(record)
         return record
+
+    def update(self, record: ResourceRecord, **data: object) -> ResourceRecord:
+        """Add what became known about a recorded resource (a generated name) to its record."""
+        updated = dataclasses.replace(record, data={**record.data, **data})
+        with self._lock:
+            self._stack[self._stack.index(record)] = updated
+        self.ledger.update(updated)
+        return updated
 
     def track_process(self, pid: int) -> Callable[[], None]:
         """Record a running command's process group for as long as it runs (an ``on_spawn``
@@ -244,6 +256,10 @@ class Engine(ABC):
     def availability(self) -> Availability:
         """Whether this engine can create environments on this machine."""
         return Availability(True)
+
+    def doctor(self) -> list[str]:
+        """Extra lines ``pytest-isolation doctor`` prints under this engine (what was checked)."""
+        return []
 
     @abstractmethod
     def create(self, spec: EnvSpec, env_id: str, resources: Resources) -> IsolatedEnvironment:
