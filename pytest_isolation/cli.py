@@ -101,8 +101,6 @@ def doctor(manager: IsolationManager) -> int:
         if availability:
             detail = f" ({availability.detail})" if availability.detail else ""
             print(f"  [ok] {name}: available{detail}")
-            for line in manager.engine(name).diagnose():
-                print(f"         {line}")
         else:
             fix = f"; fix: {availability.fix}" if availability.fix else ""
             print(f"  [--] {name}: unavailable: {availability.reason}{fix}")

@@ -74,13 +74,25 @@ class Rootless:
     ) -> tuple[pytest.RunResult, Path]:
         """Run ``test_code`` with pytest as nobody in a fresh folder (with ``env`` added to
         its environment); the result and the folder."""
+        work = self.folder(name)
+        (work / "test_rootless.py").write_text(textwrap.dedent(test_code))
+        # -S: the copied packages and the standard library only, none of Debian's own
+        return self.python(work, "-m", "pytest", "-p", "no:cacheprovider", *args, env=env), work
+
+    def folder(self, name: str) -> Path:
+        """A fresh folder for one run, with the state, cache, temp and home it uses."""
         work = self.root / name
         work.mkdir()
         work.chmod(0o755)
         for shared in ("state", "cache", "tmp", "home"):
             (work / shared).mkdir()
             (work / shared).chmod(0o777)  # nobody writes these
-        (work / "test_rootless.py").write_text(textwrap.dedent(test_code))
+        return work
+
+    def python(
+        self, work: Path, *args: str, env: Mapping[str, str] | None = None
+    ) -> pytest.RunResult:
+        """``python -S ARGS`` as nobody in ``work`` (made by :meth:`folder`)."""
         environ = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG": "C.UTF-8",
@@ -93,9 +105,7 @@ class Rootless:
             **(env or {}),
         }
         privileges = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-        # -S: the copied packages and the standard library only, none of Debian's own
-        pytest_args = ["-S", "-m", "pytest", "-p", "no:cacheprovider", *args]
-        command = ["setpriv", *privileges, "--", SYSTEM_PYTHON, *pytest_args]
+        command = ["setpriv", *privileges, "--", SYSTEM_PYTHON, "-S", *args]
         started = time.monotonic()
         done = subprocess.run(
             command,
@@ -106,13 +116,12 @@ class Rootless:
             timeout=PATIENCE,
             check=False,
         )
-        result = pytest.RunResult(
+        return pytest.RunResult(
             done.returncode,
             done.stdout.splitlines(),
             done.stderr.splitlines(),
             time.monotonic() - started,
         )
-        return result, work
 
 
 def copy_packages(site: Path) -> None:

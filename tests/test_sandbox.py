@@ -16,6 +16,7 @@ under ``/root``.
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import glob
 import json
 import os
@@ -44,7 +45,7 @@ from pytest_isolation import (
     ResourceLimitExceeded,
 )
 from pytest_isolation.engines.sandbox import SandboxEnvironment
-from tests.conftest import wait_for
+from tests.conftest import cli, wait_for
 from tests.rootless import NOBODY, Rootless, assert_clean
 
 if TYPE_CHECKING:
@@ -870,6 +871,7 @@ def test_inside_segfault_fails_and_the_run_goes_on(pytester: pytest.Pytester) ->
     pytester.makepyfile(
         """
         import ctypes
+import fnmatch
         import pytest
 
         @pytest.mark.isolated("sandbox", inside=True)
@@ -1087,3 +1089,34 @@ def test_rootless_inside_mode_and_unavailable_limits(rootless: Rootless) -> None
     required.assert_outcomes(passed=1, failed=1, errors=2)
     required.stdout.fnmatch_lines(["*the pids limit needs the pids cgroup controller*required*"])
     assert_clean(work)
+
+
+def test_doctor_says_for_each_limit_whether_it_works_here_and_the_fix(rootless: Rootless) -> None:
+    """doctor, as root: every limit works, in the plugin's subtrees; as nobody: the cgroup
+    limits are unavailable with the reason and the fix, the others work."""
+    as_root = cli("doctor")
+    assert as_root.returncode == 0, as_root.stderr
+    lines = as_root.stdout.splitlines()
+    for limit, controller in (("cpus", "cpu"), ("pids", "pids"), ("io_weight", "blkio")):
+        expected = (
+            f"*limit {limit}: works (cgroup v1, under /sys/fs/cgroup/{controller}/pytest-isolation*"
+        )
+        assert fnmatch.filter(lines, expected), (expected, lines)
+    for limit in ("disk", "memory", "network", "timeout"):
+        assert fnmatch.filter(lines, f"*limit {limit}: works (*"), (limit, lines)
+    assert fnmatch.filter(lines, "*seccomp filter: * system calls*denied*")
+    work = rootless.folder("doctor")
+    as_nobody = rootless.python(work, "-m", "pytest_isolation", "doctor")
+    assert as_nobody.ret == 0, as_nobody.errlines
+    as_nobody.stdout.fnmatch_lines_random(
+        [
+            "*[[]ok[]] sandbox: available (rootless)*",
+            "*limit pids: unavailable: the pids limit needs the pids cgroup controller: this "
+            "process's cgroup at /sys/fs/cgroup/pids is the root of the hierarchy, and it is not "
+            "root: nothing there is delegated to it; fix: run as root, or have a cgroup "
+            "delegated*",
+            "*limit disk: unavailable: the disk limit is a size-limited tmpfs*needs root; fix: *",
+            "*limit network: works*",
+            "*limit timeout: works*",
+        ]
+    )

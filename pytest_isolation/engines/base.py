@@ -258,7 +258,8 @@ class Engine(ABC):
         return Availability(True)
 
     def doctor(self) -> list[str]:
-        """Extra lines ``pytest-isolation doctor`` prints under this engine (what was checked)."""
+        """Extra lines ``pytest-isolation doctor`` prints under this engine: what was
+        checked, what works here and what does not, with the fix."""
         return []
 
     @abstractmethod
@@ -291,11 +292,6 @@ class Engine(ABC):
         ``select`` gets the owner labels as ``session``, ``pid``, ``started`` and ``host``.
         Engines without labelled objects have nothing to do.
         """
-        return []
-
-    def diagnose(self) -> list[str]:
-        """Details for ``pytest-isolation doctor``, one line each (what works here and what
-        does not, with the fix); empty when there is nothing more to say."""
         return []
 
     @classmethod

@@ -376,7 +376,7 @@ class SandboxEngine(Engine):
             )
         return None
 
-    def diagnose(self) -> list[str]:
+    def doctor(self) -> list[str]:
         lines = [f"seccomp filter: {describe_seccomp()}"]
         lines += [f"limit {line}" for line in self.describe_limits()]
         if os.geteuid() != 0 and any(h.version == 2 for h in self.layout.hierarchies.values()):
