@@ -871,7 +871,6 @@ def test_inside_segfault_fails_and_the_run_goes_on(pytester: pytest.Pytester) ->
     pytester.makepyfile(
         """
         import ctypes
-import fnmatch
         import pytest
 
         @pytest.mark.isolated("sandbox", inside=True)
