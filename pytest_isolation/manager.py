@@ -38,6 +38,7 @@ from .engines.base import (
     EngineContext,
     EnvStatus,
     IsolatedEnvironment,
+    Progress,
     Resources,
 )
 from .errors import (
@@ -208,6 +209,8 @@ class IsolationManager:
             cache_dir=cache or cache_dir(),
             temp_dir=temp_dir or Path(tempfile.gettempdir()),
             ledger=self.ledger,
+            progress=self._progress,
+            recreate=self.settings.recreate,
         )
         self.registry = EngineRegistry()
         self.hook.pytest_isolation_register_engines.call_historic(
@@ -248,6 +251,9 @@ class IsolationManager:
     def _at_exit(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+    def _progress(self, progress: Progress) -> None:
+        self.hook.pytest_isolation_progress(progress=progress)
 
     @property
     def watchdog_pid(self) -> int | None:
