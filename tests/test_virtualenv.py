@@ -11,7 +11,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import pytest
 
@@ -71,9 +71,13 @@ def templates_for(
     seed: bool = False,
     python: str = sys.executable,
 ) -> list[Path]:
-    """The finished templates of the cache built for exactly this spec."""
+    """The current templates of the cache (those their links point at) built for exactly this
+    spec."""
     found = []
-    for meta in sorted(template_root().glob(f"*/{META}")):
+    links = [p for p in template_root().iterdir() if p.is_symlink()]
+    for meta in sorted(link.resolve() / META for link in links):
+        if not meta.exists():
+            continue
         key = json.loads(meta.read_text("utf-8"))["key"]
         if (
             [entry[0] for entry in key["find_links"]] == [str(find_links.resolve())]
@@ -89,7 +93,13 @@ def templates_for(
 
 def half_built_templates() -> list[Path]:
     """Template folders without their metadata: builds that failed and were not removed."""
-    return [p for p in template_root().iterdir() if p.is_dir() and not (p / META).exists()]
+    if not template_root().is_dir():
+        return []
+    return [
+        p
+        for p in template_root().iterdir()
+        if p.is_dir() and not p.is_symlink() and not (p / META).exists()
+    ]
 
 
 def linkable_files(template: Path) -> list[str]:
@@ -274,7 +284,8 @@ def test_virtualenv_creator_without_template(wheelhouse: Wheelhouse) -> None:
 
 
 def test_seed_puts_pip_into_a_uv_environment(wheelhouse: Wheelhouse) -> None:
-    """seed=True gives a uv environment its own pip; without it there is none."""
+    """seed=True gives a uv environment a pip that installs into it; without it there is
+    none."""
     with IsolationManager() as manager:
         plain = manager.create("virtualenv", creator="uv", **local(wheelhouse.path))
         seeded = venv_of(
@@ -282,25 +293,52 @@ def test_seed_puts_pip_into_a_uv_environment(wheelhouse: Wheelhouse) -> None:
         )
         assert not plain.run(["python", "-m", "pip", "--version"]).ok
         pip = seeded.run(["python", "-m", "pip", "--version"]).check()
-        assert str(seeded.venv) in pip.stdout
         # the pip script's shebang named the template: it runs only if the clone rewrote it
         assert seeded.run(["pip", "--version"]).check().stdout == pip.stdout
+        wheels = str(wheelhouse.path)
+        seeded.run(["pip", "install", "-q", "--no-index", "-f", wheels, "tinycli"]).check()
+        assert seeded.run(["tinycli"]).check().stdout == "0.1\n"
+        assert list(seeded.venv.glob("lib/python*/site-packages/tinycli/__init__.py"))
+        assert seeded.template is not None
+        assert not list(seeded.template.glob("lib/python*/site-packages/tinycli"))
 
 
 # --- templates --------------------------------------------------------------------------------
 
 
-def test_second_environment_is_a_clone_sharing_the_templates_files(
+def test_an_environment_layers_the_templates_site_packages_beneath_its_own(
+    wheelhouse: Wheelhouse,
+) -> None:
+    """By default an environment's site-packages holds only a .pth file that puts the
+    template's after it on sys.path: constant cost, and what it installs comes first."""
+    with IsolationManager() as manager:
+        env = venv_of(
+            manager.create("virtualenv", packages=["tinypkg==1.0"], **local(wheelhouse.path))
+        )
+        (template,) = templates_for(wheelhouse.path, ["tinypkg==1.0"])
+        assert env.template == template
+        (own,) = env.venv.glob("lib/python*/site-packages")
+        assert [p.name for p in own.iterdir()] == ["_pytest_isolation_template.pth"]
+        (shared,) = template.glob("lib/python*/site-packages")
+        code = "import sys, tinypkg; print(tinypkg.__file__); print('\\n'.join(sys.path))"
+        out = env.run(["python", "-c", code]).check().stdout.splitlines()
+        assert out[0] == str(shared / "tinypkg" / "__init__.py")
+        assert out.index(str(own)) < out.index(str(shared))
+        env.install(["tinypkg==2.0"])
+        assert version_in(env) == "2.0"
+        assert (own / "tinypkg" / "__init__.py").is_file()
+        assert "VERSION = '1.0'" in (shared / "tinypkg" / "__init__.py").read_text()
+
+
+def test_hardlink_mode_clones_every_file_sharing_the_templates_data(
     wheelhouse: Wheelhouse, tmp_path: Path
 ) -> None:
-    """With link="auto" an environment is a clone whose files are the template's (same inode)."""
+    """With link="hardlink" an environment is a clone whose files are the template's (same
+    inode, or a reflink's new one)."""
     with IsolationManager() as manager:
-        first = venv_of(
-            manager.create("virtualenv", packages=["tinypkg==1.0"], **local(wheelhouse.path))
-        )
-        second = venv_of(
-            manager.create("virtualenv", packages=["tinypkg==1.0"], **local(wheelhouse.path))
-        )
+        options: dict[str, Any] = {"packages": ["tinypkg==1.0"], "link": "hardlink"}
+        first = venv_of(manager.create("virtualenv", **options, **local(wheelhouse.path)))
+        second = venv_of(manager.create("virtualenv", **options, **local(wheelhouse.path)))
         (template,) = templates_for(wheelhouse.path, ["tinypkg==1.0"])
         assert template.parent == template_root()
         assert first.venv != second.venv
@@ -413,9 +451,11 @@ def test_installer_settings_of_the_host_shape_the_template(
         compiled = manager.create("virtualenv", packages=["tinypkg==1.0"], **local(links))
         again = manager.create("virtualenv", packages=["tinypkg==1.0"], **local(links))
         assert len(templates_for(links, ["tinypkg==1.0"])) == 2
+        template = venv_of(again).template
+        assert template is not None
+        # before anything imported it (an import could write bytecode there too)
+        assert list(template.glob("lib/python3*/site-packages/tinypkg/__pycache__/*.pyc"))
         assert version_in(plain) == version_in(compiled) == version_in(again) == "1.0"
-        site = venv_of(again).venv / "lib"
-        assert list(site.glob("python3*/site-packages/tinypkg/__pycache__/*.pyc"))
 
 
 def test_template_false_builds_the_environment_directly(
