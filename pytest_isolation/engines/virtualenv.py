@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -993,18 +994,13 @@ class VirtualenvEngine(Engine):
     def _lock(self, digest: str) -> Iterator[None]:
         """The template's build lock; waiting for another process's build is reported."""
         self.templates.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.templates / f"{digest}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            with self.context.step(
-                self.name, f"waiting for template {digest}, which another process is building"
-            ):
-                lock.acquire()
-        try:
+        with _flock(self.templates / f"{digest}.lock", wait=False) as held:
+            if held:
+                yield
+                return
+        step = f"waiting for template {digest}, which another process is building"
+        with self.context.step(self.name, step), _flock(self.templates / f"{digest}.lock"):
             yield
-        finally:
-            lock.release()
 
     def _current(self, digest: str) -> tuple[Path, dict[str, object]] | None:
         """The complete template of ``digest`` (the build its link points at), if any and
@@ -1183,6 +1179,26 @@ class VirtualenvEngine(Engine):
             shutil.rmtree(trash, ignore_errors=True)
         removed += self.inputs.prune(older_than)
         return removed
+
+
+@contextlib.contextmanager
+def _flock(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` (the kind :class:`filelock.FileLock` takes, so the
+    two exclude each other), held for the block; yields False if ``wait`` is off and another
+    process holds it.  A fraction of FileLock's cost: this is on every environment's path."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _remove(folder: Path) -> None:
