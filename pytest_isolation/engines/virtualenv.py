@@ -39,8 +39,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, cast
 
-from filelock import FileLock, Timeout
-
 from ..errors import CommandFailed, EngineUnavailable, EnvironmentCreationError, IsolationError
 from ..execution import ExecResult, execute
 from ..orphans import EnvironmentProcesses
@@ -1147,37 +1145,43 @@ class VirtualenvEngine(Engine):
         removed: list[str] = []
         if not self.templates.is_dir():
             return removed
-        used = self._in_use()
-        now = time.time()
         for lock_path in sorted(self.templates.glob("*.lock")):
-            digest = lock_path.name[: -len(".lock")]
-            with contextlib.suppress(Timeout), FileLock(str(lock_path), timeout=0):
-                try:
-                    current: str | None = os.readlink(self.templates / digest)
-                except OSError:
-                    current = None
-                builds = [p for p in self.templates.glob(f"{digest}.*") if p.is_dir()]
-                legacy = self.templates / digest
-                if legacy.is_dir() and not legacy.is_symlink():
-                    builds.append(legacy)  # a template of an older format
-                for build in builds:
-                    if str(build) in used:
-                        continue
-                    if build.name == current and older_than is not None:
-                        try:
-                            age = now - (build / _META).stat().st_mtime
-                        except FileNotFoundError:
-                            age = float("inf")
-                        if age <= older_than:
-                            continue
-                    if build.name == current:
-                        with contextlib.suppress(FileNotFoundError):
-                            (self.templates / digest).unlink()
-                    _remove(build)
-                    removed.append(str(build))
+            with _flock(lock_path, wait=False) as held:
+                if held:  # else a build is under way
+                    removed += self._prune(lock_path.name[: -len(".lock")], older_than)
         for trash in self.templates.glob(".trash-*"):  # removals cut short
             shutil.rmtree(trash, ignore_errors=True)
         removed += self.inputs.prune(older_than)
+        return removed
+
+    def _prune(self, digest: str, older_than: float | None) -> list[str]:
+        """Under the template's lock: its builds no environment uses, the current one only
+        once unused for ``older_than`` seconds."""
+        used = self._in_use()  # read under the lock: a new environment records its use there
+        try:
+            current: str | None = os.readlink(self.templates / digest)
+        except OSError:
+            current = None
+        builds = [p for p in self.templates.glob(f"{digest}.*") if p.is_dir()]
+        legacy = self.templates / digest
+        if legacy.is_dir() and not legacy.is_symlink():
+            builds.append(legacy)  # a template of an older format
+        removed = []
+        for build in builds:
+            if str(build) in used:
+                continue
+            if build.name == current:
+                if older_than is not None:
+                    try:
+                        age = time.time() - (build / _META).stat().st_mtime
+                    except FileNotFoundError:
+                        age = float("inf")
+                    if age <= older_than:
+                        continue
+                with contextlib.suppress(FileNotFoundError):
+                    (self.templates / digest).unlink()
+            _remove(build)
+            removed.append(str(build))
         return removed
 
 
