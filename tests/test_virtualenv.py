@@ -814,6 +814,8 @@ def test_xdist_workers_build_the_template_once(
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*2 workers [[]4 items[]]*", "*4 environment(s) (virtualenv: 4)*"])
     assert len(templates_for(links, ["tinypkg==1.0"])) == 1
+    # a worker's progress reaches the controller's terminal once the build ended
+    assert len(progress(result, "building template")) == 1
 
 
 def test_two_managers_in_threads_create_the_same_new_spec_at_once(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import hashlib
 import json
@@ -1190,6 +1189,8 @@ def _flock(path: Path, *, wait: bool = True) -> Iterator[bool]:
     """An exclusive ``flock`` on ``path`` (the kind :class:`filelock.FileLock` takes, so the
     two exclude each other), held for the block; yields False if ``wait`` is off and another
     process holds it.  A fraction of FileLock's cost: this is on every environment's path."""
+    import fcntl
+
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
