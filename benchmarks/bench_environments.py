@@ -75,6 +75,8 @@ PEERS_VARIABLE = "PYTEST_ISOLATION_BENCH_PEERS"
 TARGET_BASIC_OVERHEAD_MS = 0.5
 TARGET_WARM_VENV_MS = 10.0
 TARGET_COLD_RATIO = 1.0
+#: Warm environments taken per round in the project and stack groups.
+WARM_PER_ROUND = 10
 #: Top-level requirements of the stack row: about 50 distributions once resolved.
 STACK = (
     "flask",
@@ -690,12 +692,15 @@ class Bench:
         cached) or cold (a fresh template cache and manager, uv's cache kept)."""
 
         def sample() -> list[Sample]:
-            if not cold:
-                started = time.perf_counter()
-                env = self.manager.create("virtualenv", **options)
-                created = time.perf_counter()
-                self.manager.destroy(env)
-                return [(created - started, time.perf_counter() - created)]
+            if not cold:  # milliseconds each: several per round, so noise averages out
+                samples = []
+                for _ in range(WARM_PER_ROUND):
+                    started = time.perf_counter()
+                    env = self.manager.create("virtualenv", **options)
+                    created = time.perf_counter()
+                    self.manager.destroy(env)
+                    samples.append((created - started, time.perf_counter() - created))
+                return samples
             cache = self.work.fresh("cold-cache")
             try:
                 with environ(PYTEST_ISOLATION_CACHE_DIR=str(cache)), IsolationManager() as manager:

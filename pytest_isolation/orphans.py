@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import re
 import signal
@@ -186,10 +187,8 @@ class Subreaper:
             return False
         try:
             current = ctypes.c_int(0)
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(current), 0, 0, 0) == 0 and (
-                current.value
-            ):
+            got = _libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(current), 0, 0, 0)
+            if got == 0 and current.value:
                 return True  # one already, by someone else's choice: never turned off here
             if _prctl(_PR_SET_CHILD_SUBREAPER, 1) != 0:
                 return False
@@ -228,9 +227,13 @@ class Subreaper:
             self._foreign[stat.pid] = stat.start
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _prctl(option: int, value: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.prctl(option, value, 0, 0, 0))
+    return int(_libc().prctl(option, value, 0, 0, 0))
 
 
 #: The one per process (see :class:`Subreaper`).
@@ -260,6 +263,7 @@ class EnvironmentProcesses:
         self._known: dict[int, int] = {}
         #: sessions the environment's commands and orphans lead: pid -> start
         self._sessions: dict[int, int] = {}
+        self._commands = 0  # none run: nothing can have been left
 
     @staticmethod
     def new_token() -> str:
@@ -288,8 +292,9 @@ class EnvironmentProcesses:
         """A command started (an ``on_spawn`` hook): record its process group while it runs."""
         # (a cgroup of the environment would take ``pid`` here)
         stat = proc_stat(pid)
-        if stat is not None:
-            with self._lock:
+        with self._lock:
+            self._commands += 1
+            if stat is not None:
                 self._sessions[pid] = stat.start
         unmark = SUBREAPER.leading(pid)
         forget = self.resources.track_process(pid)
@@ -342,6 +347,8 @@ class EnvironmentProcesses:
     def kill_all(self) -> None:
         """Kill and reap every process of the environment among this process's children
         (and their descendants); raises :class:`IsolationError` for survivors."""
+        if not self._commands:
+            return
         deadline = time.monotonic() + _KILL_PATIENCE
         while True:
             alive: list[ProcStat] = []
@@ -400,6 +407,20 @@ def _reap(pid: int, block_for: float = 0.0) -> None:
         if done or time.monotonic() >= deadline:
             return
         time.sleep(0.001)
+
+
+def started_here(pid: int, started: float) -> bool:
+    """Whether the process ``pid`` that started at ``started`` is this one."""
+    return pid == os.getpid() and abs(started - _own_start()) < 0.05
+
+
+@functools.cache
+def _own_start_of(pid: int) -> float:
+    return process_started(pid) or 0.0
+
+
+def _own_start() -> float:
+    return _own_start_of(os.getpid())  # keyed by pid: a forked child asks anew
 
 
 def release_orphans(token: str, *, made_here: bool = False) -> None:

@@ -1224,7 +1224,7 @@ def test_a_template_removed_while_being_cloned_is_built_again(
         with pytest.raises(EnvironmentCreationError) as failure:
             manager.create("virtualenv", packages=["tinypkg==1.0"], **local(links))
         assert "was removed while in use twice in a row" in str(failure.value)
-        assert "cleanup --templates" in str(failure.value)
+        assert "something other than pytest-isolation removes templates" in str(failure.value)
         assert len(manager.list()) == 2
 
 
@@ -1356,3 +1356,15 @@ def test_python_through_a_pyenv_shim_is_the_real_interpreter(
         key = json.loads((template / META).read_text())["key"]
         assert key["python"][0] == str(behind.resolve())
         assert "shims" not in json.dumps(key["python"])
+
+
+def test_a_requirement_named_like_a_folder_here_is_still_a_requirement(
+    wheelhouse: Wheelhouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """packages=['tinypkg'] with a folder 'tinypkg' (a project, even) in the working
+    directory installs the package from the index settings, not the folder."""
+    make_project(tmp_path / "tinypkg", "tinypkg", "9.9")
+    monkeypatch.chdir(tmp_path)
+    with IsolationManager() as manager:
+        env = manager.create("virtualenv", packages=["tinypkg"], **local(wheelhouse.path))
+        assert version_in(env) == "2.0"

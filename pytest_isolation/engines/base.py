@@ -236,10 +236,9 @@ def release_directory(record: ResourceRecord) -> None:
         raise IsolationError(f"refusing to remove {record.identifier!r}: not an environment's path")
     token = record.data.get("orphans")
     if isinstance(token, str):
-        from ..orphans import release_orphans
+        from ..orphans import release_orphans, started_here
 
-        owner = record.owner
-        made_here = owner.pid == os.getpid() and same_process(owner.pid, owner.started)
+        made_here = started_here(record.owner.pid, record.owner.started)
         release_orphans(token, made_here=made_here)
 
     def make_writable(function: Callable[..., object], name: str, exc: object) -> None:

@@ -524,7 +524,8 @@ class Inputs:
         local: dict[str, object] = {}
         files: list[tuple[str, str]] = []
         built: list[tuple[str, str]] = []
-        folders = [p for p in options.packages if os.path.isdir(p)]
+        # local entries were made absolute when the spec was read; others are requirements
+        folders = [p for p in options.packages if os.path.isabs(p) and os.path.isdir(p)]
         if options.project:
             folders.insert(0, options.project)
         for folder in folders:
@@ -580,7 +581,7 @@ class Inputs:
         known = self._wheels.get(memo)
         if known is not None:
             return known
-        index = self._materialized(
+        index = self.materialized(
             InstallSources(
                 find_links=options.find_links,
                 index_url=options.index_url,
@@ -611,7 +612,7 @@ class Inputs:
             self._trees[folder] = tree_stamp(Path(folder))
         return self._trees[folder]
 
-    def _materialized(self, sources: InstallSources) -> InstallSources:
+    def materialized(self, sources: InstallSources) -> InstallSources:
         """``sources`` with local find_links folders replaced by content-addressed views."""
         links = []
         for link in sources.find_links:
@@ -645,11 +646,11 @@ class Inputs:
         for entry in options.packages:
             if entry in wheels:
                 packages.append(wheels[entry])
-            elif os.path.isdir(entry) and options.editable:
+            elif options.editable and os.path.isabs(entry) and os.path.isdir(entry):
                 editables.append(entry)
             else:
                 packages.append(stored.get(entry, entry))
-        return self._materialized(
+        return self.materialized(
             InstallSources(
                 tuple(packages),
                 tuple(editables),
@@ -718,7 +719,7 @@ class VirtualenvEnvironment(LocalEnvironment):
         if isinstance(packages, str):
             packages = [packages]
         options = VenvOptions.of(self.spec)
-        sources = self._inputs._materialized(
+        sources = self._inputs.materialized(
             InstallSources(
                 tuple(packages),
                 find_links=options.find_links,
@@ -900,8 +901,9 @@ class VirtualenvEngine(Engine):
         except TemplateVanished as second:
             raise EnvironmentCreationError(
                 self.name,
-                f"{second} twice in a row; is something removing "
-                f"{self.templates} (another `pytest-isolation cleanup --templates`)?",
+                f"{second} twice in a row: something other than pytest-isolation removes "
+                f"templates from {self.templates} (by hand, or an older version's "
+                "`cleanup --templates`); run again once it has stopped",
             ) from None
 
     def _create(
