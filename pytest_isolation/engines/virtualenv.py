@@ -55,17 +55,12 @@ from .base import Availability, Engine, EngineContext, Resources
 from .basic import LOCAL_OPTIONS, LocalEnvironment, make_root
 from .interpreters import find_interpreter, is_shim, resolve_shim, search_path
 from .venv_inputs import (
-    DISTRIBUTIONS,
-    BuiltProject,
-    DigestCache,
-    InputStore,
-    ProjectBuilds,
+    Inputs,
+    InstallSources,
+    ResolvedInputs,
     find_project,
     is_project,
     local_path,
-    metadata_digest,
-    tree_stamp,
-    walk_requirements,
 )
 
 TEMPLATE_FORMAT = 3
@@ -74,9 +69,6 @@ _META = ".pytest-isolation-template.json"
 _FULL_REWRITE = ".pytest-isolation-rewrite.json"
 _LAYER = "_pytest_isolation_template.pth"
 _BIN = "Scripts" if os.name == "nt" else "bin"
-#: Cached inputs and notes younger than this survive a prune that removes everything unused
-#: (`cleanup --templates`): a build of another run may be about to use them.
-_IN_FLIGHT = 600.0
 
 
 def requirement_list(value: object, base_dir: Path) -> tuple[str, ...]:
@@ -213,21 +205,6 @@ class VenvOptions:
         if self.requirements:
             parts.append(f"-r {Path(self.requirements).name}")
         return "; ".join(parts) or "no packages"
-
-
-@dataclass(frozen=True)
-class InstallSources:
-    """What one install command takes: requirements and the places to find them."""
-
-    packages: tuple[str, ...] = ()
-    editables: tuple[str, ...] = ()
-    requirements: str | None = None
-    find_links: tuple[str, ...] = ()
-    index_url: str | None = None
-    offline: bool = False
-
-    def __bool__(self) -> bool:
-        return bool(self.packages or self.editables or self.requirements)
 
 
 # --- installers -------------------------------------------------------------------------------
@@ -478,193 +455,6 @@ def site_packages_of(venv: Path) -> list[str]:
             if candidate.is_dir() and not any(part.is_symlink() for part in parts):
                 found.append(relative.as_posix())
     return sorted(found)
-
-
-# --- what a template is made of ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResolvedInputs:
-    """A spec's inputs by content (for the template key) and how to install them."""
-
-    key: dict[str, object]
-    local_files: tuple[tuple[str, str], ...]  # (path, digest) in packages
-    built: tuple[tuple[str, str], ...]  # (project folder, stored wheel)
-    links: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # (folder, ((file, digest)...))
-
-
-class Inputs:
-    """Resolves a spec's local inputs into content keys, once per file state and per run."""
-
-    def __init__(self, context: EngineContext) -> None:
-        self.context = context
-        self.digests = DigestCache(context.cache_dir)
-        self.store = InputStore(context.cache_dir)
-        self.builds = ProjectBuilds(context, self.store)
-        self._trees: dict[str, str] = {}
-        self._wheels: dict[str, BuiltProject] = {}
-
-    def resolve(
-        self, options: VenvOptions, installer: Installer, python: Path, resources: Resources
-    ) -> ResolvedInputs:
-        """Digests of every local input; local projects built (once per run) unless editable.
-
-        Raises :class:`EnvironmentCreationError` for an input that vanished or a failed build.
-        """
-        try:
-            return self._resolve(options, installer, python, resources)
-        except FileNotFoundError as exc:
-            raise EnvironmentCreationError("virtualenv", str(exc)) from None
-        finally:
-            self.digests.save()
-
-    def _resolve(
-        self, options: VenvOptions, installer: Installer, python: Path, resources: Resources
-    ) -> ResolvedInputs:
-        local: dict[str, object] = {}
-        files: list[tuple[str, str]] = []
-        built: list[tuple[str, str]] = []
-        # local entries were made absolute when the spec was read; others are requirements
-        folders = [p for p in options.packages if os.path.isabs(p) and os.path.isdir(p)]
-        if options.project:
-            folders.insert(0, options.project)
-        for folder in folders:
-            if options.editable:
-                local[folder] = ["editable", metadata_digest(Path(folder), self.digests)]
-                continue
-            wheel = self._wheel(Path(folder), options, installer, python, resources)
-            local[folder] = ["wheel", wheel.digest]
-            built.append((folder, wheel.wheel))
-        for entry in options.packages:
-            if os.path.isabs(entry) and os.path.isfile(entry):
-                digest = self.digests.digest(Path(entry))
-                local[entry] = ["file", digest]
-                files.append((entry, digest))
-        links = []
-        link_key: list[object] = []
-        for link in options.find_links:
-            if "://" in link:
-                link_key.append(link)
-                continue
-            listing = self._listing(Path(link))
-            links.append((link, listing))
-            link_key.append([link, [[Path(f).name, d] for f, d in listing]])
-        requirements: dict[str, object] | None = None
-        if options.requirements:
-            walk = walk_requirements(Path(options.requirements), self.digests)
-            requirements = {
-                "files": [list(item) for item in walk.files],
-                "trees": [[tree, self._tree(tree)] for tree in walk.trees],
-                "links": [[folder, self._listing(Path(folder))] for folder in walk.links],
-            }
-        key: dict[str, object] = {
-            "packages": sorted(options.packages),
-            "local": local,
-            "project": options.project,
-            "editable": options.editable,
-            "requirements": requirements,
-            "find_links": link_key,
-        }
-        return ResolvedInputs(key, tuple(files), tuple(built), tuple(links))
-
-    def _wheel(
-        self,
-        project: Path,
-        options: VenvOptions,
-        installer: Installer,
-        python: Path,
-        resources: Resources,
-    ) -> BuiltProject:
-        """``project`` built into a wheel, once per run."""
-        settings = [options.find_links, options.index_url, options.offline]
-        memo = json.dumps([str(project), installer.name, str(python), settings])
-        known = self._wheels.get(memo)
-        if known is not None:
-            return known
-        index = self.materialized(
-            InstallSources(
-                find_links=options.find_links,
-                index_url=options.index_url,
-                offline=options.offline,
-            )
-        )
-        built = self.builds.wheel(
-            project, installer.build_wheel(project, python, index), resources, installer.builder
-        )
-        self._wheels[memo] = built
-        return built
-
-    def _listing(self, folder: Path) -> tuple[tuple[str, str], ...]:
-        """The distributions of a local folder with their digests (missing folder: none)."""
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
-            return ()
-        return tuple(
-            (entry.path, self.digests.digest(Path(entry.path)))
-            for entry in entries
-            if entry.name.endswith(DISTRIBUTIONS) and entry.is_file()
-        )
-
-    def _tree(self, folder: str) -> str:
-        """A local project folder named in a requirements file, looked at once per run."""
-        if folder not in self._trees:
-            self._trees[folder] = tree_stamp(Path(folder))
-        return self._trees[folder]
-
-    def materialized(self, sources: InstallSources) -> InstallSources:
-        """``sources`` with local find_links folders replaced by content-addressed views."""
-        links = []
-        for link in sources.find_links:
-            if "://" in link:
-                links.append(link)
-            else:
-                listing = self._listing(Path(link))
-                links.append(str(self.store.view([(Path(f), d) for f, d in listing])))
-        return InstallSources(
-            sources.packages,
-            sources.editables,
-            sources.requirements,
-            tuple(links),
-            sources.index_url,
-            sources.offline,
-        )
-
-    def sources(self, options: VenvOptions, resolved: ResolvedInputs) -> InstallSources:
-        """The install command's inputs, local files replaced by their stored copies."""
-        stored = {
-            path: str(self.store.put(Path(path), digest)) for path, digest in resolved.local_files
-        }
-        wheels = dict(resolved.built)
-        packages = []
-        editables = []
-        if options.project:
-            if options.editable:
-                editables.append(options.project)
-            else:
-                packages.append(wheels[options.project])
-        for entry in options.packages:
-            if entry in wheels:
-                packages.append(wheels[entry])
-            elif options.editable and os.path.isabs(entry) and os.path.isdir(entry):
-                editables.append(entry)
-            else:
-                packages.append(stored.get(entry, entry))
-        return self.materialized(
-            InstallSources(
-                tuple(packages),
-                tuple(editables),
-                options.requirements,
-                tuple(options.find_links),
-                options.index_url,
-                options.offline,
-            )
-        )
-
-    def prune(self, older_than: float | None) -> list[str]:
-        age = max(older_than or 0.0, _IN_FLIGHT)
-        self.builds.prune(age)
-        return self.store.prune(age)
 
 
 # --- the engine -------------------------------------------------------------------------------
