@@ -249,8 +249,8 @@ class EnvironmentProcesses:
 
     Made by :meth:`start` before the environment's first command; commands
     carry :attr:`environ`, are reported to :meth:`spawned`, and :meth:`collect`
-    runs after each.  Teardown happens through the ``orphans`` ledger record
-    (:func:`release_orphans`).
+    runs after each.  Teardown happens when the environment's directory record,
+    which names the token (``orphans``), is released (:func:`release_orphans`).
     """
 
     def __init__(self, resources: Resources, token: str, subreaper: bool) -> None:
