@@ -21,6 +21,14 @@ teardown is timed separately (its own column) and never counted in creation.
   ``pip``, ``virtualenv`` + ``pip``, ``uv venv`` + ``uv pip``, and the
   ``virtualenv`` fixture of the ``pytest-virtualenv`` package.  The package is
   a tiny wheel built here by hand, installed offline from a local folder.
+* the project under test: a local project (hatchling, built by ``uv build``)
+  and a requirements file that includes another with ``-r``, warm and cold,
+  against ``uv venv`` + ``uv pip install PROJECT -r requirements.txt``.
+* a stack of about 50 distributions from the package index (a web framework,
+  a data stack, their dependencies), warm and cold, against ``uv venv`` +
+  ``uv pip install`` of the same; uv's cache is filled once before timing.
+  These two groups download from the index (``--no-index-rows`` leaves them
+  out).
 
 Everything is made under one temporary folder (the state, template, uv, pip
 and virtualenv caches too) and removed at the end.
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import hashlib
 import importlib
 import os
@@ -48,6 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from common import environ, isolation_dirs, ms
@@ -64,6 +74,31 @@ BIN = "Scripts" if os.name == "nt" else "bin"
 PEERS_VARIABLE = "PYTEST_ISOLATION_BENCH_PEERS"
 TARGET_BASIC_OVERHEAD_MS = 0.5
 TARGET_WARM_VENV_MS = 10.0
+TARGET_COLD_RATIO = 1.0
+#: Warm environments taken per round in the project and stack groups.
+WARM_PER_ROUND = 10
+#: Top-level requirements of the stack row: about 50 distributions once resolved.
+STACK = (
+    "flask",
+    "fastapi",
+    "uvicorn",
+    "requests",
+    "httpx",
+    "pydantic",
+    "sqlalchemy",
+    "alembic",
+    "numpy",
+    "pandas",
+    "rich",
+    "attrs",
+    "pyyaml",
+    "marshmallow",
+    "pytest",
+    "openpyxl",
+    "tabulate",
+    "markdown",
+)
+PROJECT = "piso_benchproj"
 
 #: (seconds to create, seconds to tear down) of one sample.
 Sample = tuple[float, float]
@@ -599,6 +634,186 @@ class Bench:
             slow.append(Variant(pv_row, pv_sample, pv_check, peer=True))
         return fast, slow
 
+    # --- the project under test, and a stack of about 50 packages ---
+
+    def make_project(self) -> tuple[Path, Path]:
+        """A hatchling project depending on the local package, and a requirements file that
+        pins that package in a file it includes with -r."""
+        project = self.work.root / "project"
+        (project / "src" / PROJECT).mkdir(parents=True)
+        (project / "pyproject.toml").write_text(
+            textwrap.dedent(
+                f"""\
+                [build-system]
+                requires = ["hatchling"]
+                build-backend = "hatchling.build"
+
+                [project]
+                name = "{PROJECT}"
+                version = "0.1"
+                dependencies = ["{PACKAGE}"]
+                """
+            )
+        )
+        (project / "src" / PROJECT / "__init__.py").write_text("VERSION = '0.1'\n")
+        requirements = self.work.root / "requirements" / "requirements.txt"
+        requirements.parent.mkdir()
+        requirements.write_text("-r base.txt\n")
+        (requirements.parent / "base.txt").write_text(f"{PACKAGE}=={VERSION}\n")
+        return project, requirements
+
+    def _uv_pair(
+        self, *install: str | Path, check: str
+    ) -> tuple[Callable[[], list[Sample]], Callable[[], object]]:
+        """``uv venv`` + ``uv pip install INSTALL`` into a fresh folder: a sample, and the
+        same checking that ``check`` runs in what it made."""
+
+        def sample(checked: bool = False) -> list[Sample]:
+            if self.uv is None:
+                raise NotMeasurable("uv is not installed")
+            venv = self.work.fresh("venv")
+            python = venv / BIN / "python"
+            started = time.perf_counter()
+            run([self.uv, "venv", "--quiet", "--python", sys.executable, venv], cwd=self.work.root)
+            run(
+                [self.uv, "pip", "install", "--quiet", "--python", python, *install],
+                cwd=self.work.root,
+            )
+            created = time.perf_counter()
+            if checked:
+                run([python, "-c", check])
+            shutil.rmtree(venv)
+            return [(created - started, time.perf_counter() - created)]
+
+        return sample, functools.partial(sample, True)
+
+    def _engine(self, cold: bool, **options: Any) -> Callable[[], list[Sample]]:
+        """The virtualenv engine with ``options``: warm (one long-lived manager, template
+        cached) or cold (a fresh template cache and manager, uv's cache kept)."""
+
+        def sample() -> list[Sample]:
+            if not cold:  # milliseconds each: several per round, so noise averages out
+                samples = []
+                for _ in range(WARM_PER_ROUND):
+                    started = time.perf_counter()
+                    env = self.manager.create("virtualenv", **options)
+                    created = time.perf_counter()
+                    self.manager.destroy(env)
+                    samples.append((created - started, time.perf_counter() - created))
+                return samples
+            cache = self.work.fresh("cold-cache")
+            try:
+                with environ(PYTEST_ISOLATION_CACHE_DIR=str(cache)), IsolationManager() as manager:
+                    started = time.perf_counter()
+                    env = manager.create("virtualenv", **options)
+                    created = time.perf_counter()
+                    manager.destroy(env)
+                    return [(created - started, time.perf_counter() - created)]
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+
+        return sample
+
+    def _engine_check(self, check: str, **options: Any) -> Callable[[], object]:
+        """Make one environment with the long-lived manager (so that what it does once per
+        run, such as building a local project, is done) and check it works."""
+
+        def warm_up() -> None:
+            env = self.manager.create("virtualenv", **options)
+            try:
+                env.run(["python", "-c", check]).check()
+            finally:
+                self.manager.destroy(env)
+
+        return warm_up
+
+    def project_variants(self) -> list[Variant]:
+        project, requirements = self.make_project()
+        check = f"import {PROJECT}, {PACKAGE}"
+        options: dict[str, Any] = {
+            "project": str(project),
+            "requirements": str(requirements),
+            "find_links": [str(self.wheelhouse)],
+        }
+        baseline, checked = self._uv_pair(
+            "--find-links", self.wheelhouse, project, "-r", requirements, check=check
+        )
+        return [
+            Variant(
+                Row(
+                    "uv venv + uv pip install PROJECT -r REQS",
+                    f"uv venv DIR; uv pip install --python DIR/bin/python --find-links WHEELS "
+                    f"PROJECT -r REQS (PROJECT: hatchling, depends on {PACKAGE}; REQS: -r "
+                    "base.txt, which pins it); uv's cache keeps the project's build",
+                ),
+                baseline,
+                checked,
+                peer=True,
+            ),
+            Variant(
+                Row(
+                    "virtualenv engine, warm: project + -r",
+                    "manager.create('virtualenv', project=PROJECT, requirements=REQS, "
+                    "find_links=[WHEELS]); project built once per run (uv build), template "
+                    "cached; one long-lived manager",
+                ),
+                self._engine(False, **options),
+                self._engine_check(check, **options),
+            ),
+            Variant(
+                Row(
+                    "virtualenv engine, cold: project + -r",
+                    "the same with a fresh PYTEST_ISOLATION_CACHE_DIR and a new manager: "
+                    "the project's uv build, then the template",
+                ),
+                self._engine(True, **options),
+                self._engine_check(check, **options),
+            ),
+        ]
+
+    def stack_variants(self) -> list[Variant]:
+        check = "import flask, fastapi, pandas, numpy, sqlalchemy"
+        baseline, checked = self._uv_pair(*STACK, check=check)
+        options: dict[str, Any] = {"packages": list(STACK)}
+        return [
+            Variant(
+                Row(
+                    "uv venv + uv pip install STACK",
+                    f"uv venv DIR; uv pip install --python DIR/bin/python {' '.join(STACK)} "
+                    "(from the index; uv's cache warm)",
+                ),
+                baseline,
+                checked,
+                peer=True,
+            ),
+            Variant(
+                Row(
+                    "virtualenv engine, warm: STACK",
+                    "manager.create('virtualenv', packages=STACK), template cached",
+                ),
+                self._engine(False, **options),
+                self._engine_check(check, **options),
+            ),
+            Variant(
+                Row(
+                    "virtualenv engine, cold: STACK",
+                    "the same with a fresh PYTEST_ISOLATION_CACHE_DIR and a new manager "
+                    "(uv's cache warm, as for the baseline)",
+                ),
+                self._engine(True, **options),
+                self._engine_check(check, **options),
+            ),
+            Variant(
+                Row(
+                    "virtualenv engine, warm: STACK, hardlink",
+                    "the same with link='hardlink': every file of the template linked "
+                    "(sampled in rounds of its own, after the others)",
+                ),
+                self._engine(False, link="hardlink", **options),
+                self._engine_check(check, link="hardlink", **options),
+            ),
+        ]
+
 
 # --- running and reporting ------------------------------------------------------------------
 
@@ -729,6 +944,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="timed tests in each pytest run of the fast rows (default 10)",
     )
     parser.add_argument(
+        "--index-repeat",
+        type=int,
+        default=None,
+        help="rounds of the project and stack rows, which use the package index (default 5)",
+    )
+    parser.add_argument(
+        "--index-rows-only",
+        action="store_true",
+        help="only the project and stack rows",
+    )
+    parser.add_argument(
+        "--no-index-rows",
+        action="store_true",
+        help="leave out the project and stack rows (they download from the package index)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="few rounds, for a smoke test (5 fast, 2 slow, 5 tests per run)",
@@ -744,8 +975,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     quick = args.quick
     args.repeat = args.repeat or (5 if quick else 20)
     args.slow_repeat = args.slow_repeat or (2 if quick else 5)
+    args.index_repeat = args.index_repeat or (2 if quick else 5)
     args.tests_per_run = args.tests_per_run or (5 if quick else 10)
-    if min(args.repeat, args.slow_repeat, args.tests_per_run) < 1:
+    if min(args.repeat, args.slow_repeat, args.index_repeat, args.tests_per_run) < 1:
         parser.error("counts must be at least 1")
     return args
 
@@ -790,19 +1022,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_wheel(root / "wheelhouse", PACKAGE, VERSION)
             bench = Bench(work, root / "wheelhouse", args.tests_per_run)
             try:
-                group_a = bench.workspace_variants()
-                fast_b, slow_b = bench.venv_variants(args.peers)
+                group_a = [] if args.index_rows_only else bench.workspace_variants()
+                fast_b, slow_b = (
+                    ([], []) if args.index_rows_only else bench.venv_variants(args.peers)
+                )
+                group_c = [] if args.no_index_rows else bench.project_variants()
+                group_d = [] if args.no_index_rows else bench.stack_variants()
                 print("warming up (untimed; checks every variant works) ...", file=sys.stderr)
-                warm_up([*group_a, *fast_b, *slow_b])
+                warm_up([*group_a, *fast_b, *slow_b, *group_c, *group_d])
                 # group by group: the venv rows' disk writes would otherwise land on the
                 # sub-millisecond rows; ratios are taken within a group
                 measure(group_a, args.repeat, "workspace rows")
                 measure(fast_b, args.repeat, "fast venv rows")
                 measure(slow_b, args.slow_repeat, "slow venv rows")
-                lines = report(bench, group_a, fast_b, slow_b, args)
+                measure(group_c, args.index_repeat, "project rows")
+                # the hardlink row writes and removes thousands of files a sample: on its own,
+                # so that its disk traffic does not land on the other rows
+                measure(group_d[:-1], args.index_repeat, "stack rows")
+                measure(group_d[-1:], args.index_repeat, "stack row, hardlink")
+                lines = [] if args.index_rows_only else report(bench, group_a, fast_b, slow_b, args)
+                lines += report_index_rows(group_c, group_d, args)
             finally:
                 bench.close()
-            rows = [v.row for v in [*group_a, *fast_b, *slow_b]]
+            rows = [v.row for v in [*group_a, *fast_b, *slow_b, *group_c, *group_d]]
             problems += [f"{r.label} failed" for r in rows if r.failure]
             problems += [f"{r.label} made environments that do not work" for r in rows if r.broken]
             leftover = Ledger().records()
@@ -916,6 +1158,62 @@ def report(
     for warning in getattr(bench, "peer_warnings", []):
         lines.append(f"  pytest-virtualenv warned on import: {warning}")
     return lines
+
+
+def report_index_rows(
+    project: Sequence[Variant], stack: Sequence[Variant], args: argparse.Namespace
+) -> list[str]:
+    """The project and stack tables, with their targets, ratios paired per round."""
+    lines: list[str] = []
+    for title, group in (
+        ("the project under test + a requirements file with -r", project),
+        (f"a stack of {len(STACK)} requirements, about 50 distributions", stack),
+    ):
+        if not group:
+            continue
+        rows = [v.row for v in group]
+        baseline = rows[0]
+        lines += [
+            "",
+            *table(
+                f"{title} (baseline: {baseline.label}; rounds: {args.index_repeat})", rows, baseline
+            ),
+        ]
+        lines += [f"  {row.label}: {row.command}" for row in rows]
+        for row in rows[1:]:
+            if not row.create:
+                continue
+            if "warm" in row.label and "hardlink" not in row.label:
+                verdict = "PASS" if row.median * 1000 <= TARGET_WARM_VENV_MS else "MISS"
+                lines.append(
+                    f"  target: {row.label}: median {ms(row.median)} ms "
+                    f"(target <= {TARGET_WARM_VENV_MS:g} ms): {verdict}"
+                )
+            ratio = paired_ratio(row, baseline) if baseline.create else None
+            if "cold" in row.label and ratio is not None:
+                if group is stack:
+                    verdict = "PASS" if ratio <= TARGET_COLD_RATIO else "MISS"
+                    lines.append(
+                        f"  target: {row.label}: {ratio:.2f}x {baseline.label} (median of "
+                        f"per-round ratios; target <= {TARGET_COLD_RATIO:g}x): {verdict}"
+                    )
+                else:  # not the same work: uv reuses its build of the project, edited or not
+                    lines.append(
+                        f"  {row.label}: {ratio:.2f}x {baseline.label} (median of per-round "
+                        "ratios); it builds the project (uv build) where the baseline reuses "
+                        "uv's cached build, which a source edit does not invalidate"
+                    )
+    return lines
+
+
+def paired_ratio(row: Row, baseline: Row) -> float | None:
+    """The median over rounds of row / baseline within the same round."""
+    ratios = [
+        statistics.median(c for c, _ in samples) / statistics.median(c for c, _ in other)
+        for index, samples in row.rounds.items()
+        if samples and (other := baseline.rounds.get(index))
+    ]
+    return statistics.median(ratios) if ratios else None
 
 
 if __name__ == "__main__":

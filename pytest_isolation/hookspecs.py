@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .engines.base import IsolatedEnvironment
+    from .engines.base import IsolatedEnvironment, Progress
     from .errors import TeardownError
     from .manager import EngineRegistry
     from .spec import EnvSpec
@@ -56,3 +56,11 @@ def pytest_isolation_env_teardown(env: IsolatedEnvironment) -> None:
 @hookspec
 def pytest_isolation_env_destroyed(env_id: str, error: TeardownError | None) -> None:
     """The environment ``env_id`` is gone (or kept); ``error`` says what failed on the way."""
+
+
+@hookspec
+def pytest_isolation_progress(progress: Progress) -> None:
+    """A slow set-up step (a template build, an image pull) started or ended.
+
+    The plugin prints one line for each; ``progress.duration`` is set once it ended.
+    """

@@ -38,6 +38,7 @@ from .engines.base import (
     EngineContext,
     EnvStatus,
     IsolatedEnvironment,
+    Progress,
     Resources,
 )
 from .errors import (
@@ -209,6 +210,8 @@ class IsolationManager:
             temp_dir=temp_dir or Path(tempfile.gettempdir()),
             ledger=self.ledger,
             settings=self.settings,
+            progress=self._progress,
+            recreate=self.settings.recreate,
         )
         self.registry = EngineRegistry()
         self.hook.pytest_isolation_register_engines.call_historic(
@@ -249,6 +252,9 @@ class IsolationManager:
     def _at_exit(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+    def _progress(self, progress: Progress) -> None:
+        self.hook.pytest_isolation_progress(progress=progress)
 
     @property
     def watchdog_pid(self) -> int | None:

@@ -29,6 +29,7 @@ SETTINGS = {
     "options": ("isolation_options", "isolation_options", "PYTEST_ISOLATION_OPTIONS"),
     "durations": ("isolation_durations", "isolation_durations", "PYTEST_ISOLATION_DURATIONS"),
     "inside": ("isolation_inside", "isolation_inside", "PYTEST_ISOLATION_INSIDE"),
+    "recreate": ("isolation_recreate", "isolation_recreate", "PYTEST_ISOLATION_RECREATE"),
 }
 
 MARKER = (
@@ -113,6 +114,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(sandbox), each in its own. env: PYTEST_ISOLATION_INSIDE",
     )
     group.addoption(
+        "--isolation-recreate",
+        dest="isolation_recreate",
+        action="store_const",
+        const="true",
+        default=None,
+        help="rebuild every cached template this run uses (virtualenv), once, instead of "
+        "reusing it. env: PYTEST_ISOLATION_RECREATE",
+    )
+    group.addoption(
         "--isolation-durations",
         metavar="N",
         dest="isolation_durations",
@@ -128,6 +138,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("isolation_durations", "how many of the slowest set-ups to list")
     parser.addini("isolation_inside", "run every test's body inside its environment (bool)")
+    parser.addini("isolation_recreate", "rebuild every cached template the run uses (bool)")
     parser.addini("isolation_docker_image", "image for the docker engine")
 
 

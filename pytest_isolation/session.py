@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from .engines.base import EnvStatus, IsolatedEnvironment
+from .engines.base import EnvStatus, IsolatedEnvironment, Progress
 from .errors import EngineUnavailable, InvalidSpec, TeardownError, UnknownEngine
 from .manager import IsolationManager
 from .spec import EnvSpec, Settings, resolve_spec
@@ -63,6 +64,7 @@ class IsolationSession:
         self.kept: list[KeptEvent] = []
         self._previous_sigterm: Any = None
         self._sweeping: subprocess.Popen[bytes] | None = None
+        self._writing = threading.Lock()  # environments may be made from a test's threads
 
     # --- settings and specs ---
 
@@ -303,6 +305,32 @@ class IsolationSession:
                 self.setups.append(SetupEvent(**event["setup"]))
             if "kept" in event:
                 self.kept.append(KeptEvent(**event["kept"]))
+            if "progress" in event:  # from an xdist worker, once its step ended
+                self._write_progress(Progress(**event["progress"]))
+
+    def pytest_isolation_progress(self, progress: Progress) -> None:
+        """One line when a slow set-up step starts and one when it ends, with its time."""
+        if not self.worker:
+            self._write_progress(progress)
+        elif progress.state != "started":
+            self._events.append({"progress": progress.__dict__})
+
+    def _write_progress(self, progress: Progress) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or self.config.get_verbosity() < -1:
+            return
+        line = f"isolation: {progress.engine}: {progress.step}"
+        if progress.state == "started":
+            line += " ..."
+        else:
+            outcome = "done in" if progress.state == "finished" else "failed after"
+            line += f": {outcome} {progress.duration or 0.0:.1f}s"
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        # set-up runs with output captured: step outside it, as live logging does
+        outside = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+        with self._writing, outside:
+            reporter.ensure_newline()
+            reporter.write_line(line)
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self.manager.registry.seal()

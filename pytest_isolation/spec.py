@@ -345,6 +345,7 @@ class Settings:
     options: Mapping[str, Mapping[str, Sourced[object]]] = field(default_factory=dict)
     durations: int = 5
     inside: bool = False
+    recreate: bool = False
 
     @classmethod
     def resolve(cls, layers: Sequence[Layer]) -> Settings:
@@ -391,12 +392,13 @@ class Settings:
                 kwargs["durations"] = int(cast("Any", raw))
             except (TypeError, ValueError):
                 raise InvalidSpec(f"expected a number, got {raw!r}", source=source) from None
-        if found := first("inside"):
-            raw, source, _ = found
-            try:
-                kwargs["inside"] = parse_bool(raw)
-            except ValueError as exc:
-                raise InvalidSpec(str(exc), source=source) from None
+        for flag in ("inside", "recreate"):
+            if found := first(flag):
+                raw, source, _ = found
+                try:
+                    kwargs[flag] = parse_bool(raw)
+                except ValueError as exc:
+                    raise InvalidSpec(str(exc), source=source) from None
         kwargs["options"] = _layer_options(layers)
         return cls(**kwargs)
 

@@ -38,8 +38,9 @@ class Watchdog:
     def start(cls, state_dir: Path, session: str, pid: int, started: float) -> Watchdog:
         command = [
             sys.executable,
-            "-m",
-            "pytest_isolation.watchdog",
+            # this file, not ``-m``: the package would import every engine (0.2 s of CPU,
+            # taken from the run's first environment) to wait on a pipe
+            __file__,
             "--state-dir",
             str(state_dir),
             "--session",
@@ -110,8 +111,8 @@ def reap(state_dir: Path, session: str, pid: int, started: float) -> None:
     """Release what the runner ``pid`` (started at ``started``) left: its ledger records,
     then labelled objects of its session and pid that no record lists."""
     os.environ["PYTEST_ISOLATION_STATE_DIR"] = str(state_dir)
-    from .ledger import Ledger
-    from .manager import IsolationManager
+    from pytest_isolation.ledger import Ledger
+    from pytest_isolation.manager import IsolationManager
 
     with IsolationManager(session_id=f"{session}-watchdog", ledger=Ledger(state_dir)) as manager:
 
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sweep_labels:
         os.environ["PYTEST_ISOLATION_STATE_DIR"] = str(args.state_dir)
-        from .manager import IsolationManager
+        from pytest_isolation.manager import IsolationManager
 
         with IsolationManager(session_id="label-sweep") as manager:
             manager.sweep_labels()
@@ -175,4 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and sys.path[0] == here:
+        # run as a file: its folder must not shadow top-level modules, and the package it
+        # belongs to must be the one imported when it reaps
+        sys.path[0] = os.path.dirname(here)
     raise SystemExit(main())

@@ -56,6 +56,54 @@ def cli(*args: str, module: bool = False, timeout: float = 120) -> subprocess.Co
     )
 
 
+#: Ways a command starts something that leaves its process group and outlives it; ``{sleep}``
+#: is the daemon's own command line, unique to the test.
+DAEMONS = {
+    # a daemon detaches before its starter returns: wait until setsid(1) has made its session
+    "setsid": [
+        "sh",
+        "-c",
+        "setsid {sleep} >/dev/null 2>&1 </dev/null & pid=$!\n"
+        'while :; do set -- $(cat /proc/$pid/stat); [ "$6" = "$pid" ] && break; sleep 0.01; done',
+    ],
+    # a daemon with a worker: the worker is the daemon's child, never the runner's, and is
+    # orphaned again when the daemon is killed
+    "daemon-with-worker": [
+        "sh",
+        "-c",
+        "setsid sh -c '{sleep} & wait' >/dev/null 2>&1 </dev/null & pid=$!\n"
+        'while :; do set -- $(cat /proc/$pid/stat); [ "$6" = "$pid" ] && break; sleep 0.01; done',
+    ],
+    # bash's job control puts a background job in a process group of its own, tty or not
+    "job-control-nohup": ["bash", "-c", "set -m; nohup {sleep} >/dev/null 2>&1 </dev/null &"],
+    "start-new-session": [
+        "python3",
+        "-c",
+        "import subprocess; subprocess.Popen('{sleep}'.split(), start_new_session=True, "
+        "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)",
+    ],
+    # fork, setsid, fork again: the classic daemon; the first child ends, the second lives on
+    "double-fork": [
+        "python3",
+        "-c",
+        "import os\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        fd = os.open(os.devnull, os.O_RDWR)\n"
+        "        [os.dup2(fd, n) for n in (0, 1, 2)]\n"
+        "        os.execvp('sleep', '{sleep}'.split())\n"
+        "    os._exit(0)\n"
+        "os.wait()",
+    ],
+}
+
+
+def sleep_command() -> list[str]:
+    """A command line no other test runs: ``sleep`` for about a day, a unique fraction."""
+    return ["sleep", f"86400.{time.monotonic_ns() % 10**9:09d}"]
+
+
 def need_engine(name: str) -> None:
     """Skip (locally) or fail (where CI requires ``name``) when the engine cannot run here."""
     from pytest_isolation import IsolationManager
@@ -109,6 +157,119 @@ def build_wheel(
         record.append(f"{dist_info}/RECORD,,")
         archive.writestr(f"{dist_info}/RECORD", "\n".join(record) + "\n")
     return wheel
+
+
+#: A PEP 517 build backend kept in the project's own tree (``backend-path``), so that building
+#: needs nothing from an index: uv runs it exactly as it runs setuptools or hatchling.  It
+#: packs ``src/`` into a wheel; ``build_editable`` makes a wheel with a ``.pth`` to ``src/``.
+#: While the file ``slow-build`` exists in the project, a build writes ``build-started`` and
+#: sleeps, so that tests can kill a run in the middle of one.
+PROJECT_BACKEND = """\
+import base64, hashlib, os, time, zipfile
+
+NAME, VERSION, REQUIRES, SCRIPTS = {name!r}, {version!r}, {requires!r}, {scripts!r}
+MODULE = NAME.replace("-", "_")
+DIST_INFO = f"{{MODULE}}-{{VERSION}}.dist-info"
+
+
+def _pause():
+    if os.path.exists("slow-build"):
+        with open("build-started", "w") as note:
+            note.write(str(os.getpid()))
+        time.sleep(300)
+
+
+def _wheel(directory, files):
+    metadata = f"Metadata-Version: 2.1\\nName: {{NAME}}\\nVersion: {{VERSION}}\\n"
+    metadata += "".join(f"Requires-Dist: {{r}}\\n" for r in REQUIRES)
+    files = dict(files)
+    files[f"{{DIST_INFO}}/METADATA"] = metadata.encode()
+    files[f"{{DIST_INFO}}/WHEEL"] = (
+        b"Wheel-Version: 1.0\\nGenerator: piso-backend\\nRoot-Is-Purelib: true\\n"
+        b"Tag: py3-none-any\\n"
+    )
+    if SCRIPTS:
+        entries = "".join(f"{{k}} = {{v}}\\n" for k, v in SCRIPTS.items())
+        files[f"{{DIST_INFO}}/entry_points.txt"] = ("[console_scripts]\\n" + entries).encode()
+    name = f"{{MODULE}}-{{VERSION}}-py3-none-any.whl"
+    record = []
+    with zipfile.ZipFile(os.path.join(directory, name), "w") as archive:
+        for path, data in sorted(files.items()):
+            archive.writestr(path, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            record.append(f"{{path}},sha256={{digest.decode()}},{{len(data)}}")
+        record.append(f"{{DIST_INFO}}/RECORD,,")
+        archive.writestr(f"{{DIST_INFO}}/RECORD", "\\n".join(record) + "\\n")
+    return name
+
+
+def _sources():
+    found = {{}}
+    for folder, _, names in os.walk("src"):
+        for name in names:
+            if name.endswith(".pyc"):
+                continue
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                found[os.path.relpath(path, "src").replace(os.sep, "/")] = handle.read()
+    return found
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+
+def get_requires_for_build_editable(config_settings=None):
+    return []
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    _pause()
+    return _wheel(wheel_directory, _sources())
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    _pause()
+    src = os.path.abspath("src") + "\\n"
+    return _wheel(wheel_directory, {{f"_{{MODULE}}_editable.pth": src.encode()}})
+"""
+
+
+def make_project(
+    directory: Path,
+    name: str,
+    version: str = "0.1",
+    *,
+    code: str | None = None,
+    requires: Sequence[str] = (),
+    scripts: dict[str, str] | None = None,
+) -> Path:
+    """Write a Python project that builds offline: ``pyproject.toml`` naming the in-tree
+    backend :data:`PROJECT_BACKEND`, and ``src/<module>/__init__.py`` with ``code``."""
+    module = name.replace("-", "_")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(
+        "[build-system]\n"
+        "requires = []\n"
+        'build-backend = "piso_backend"\n'
+        'backend-path = ["_backend"]\n\n'
+        "[project]\n"
+        f'name = "{name}"\n'
+        f'version = "{version}"\n'
+        f"dependencies = {list(requires)!r}\n".replace("'", '"')
+    )
+    (directory / "_backend").mkdir(exist_ok=True)
+    (directory / "_backend" / "piso_backend.py").write_text(
+        PROJECT_BACKEND.format(
+            name=name, version=version, requires=list(requires), scripts=dict(scripts or {})
+        )
+    )
+    package = directory / "src" / module
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(
+        code or f"VERSION = {version!r}\n\ndef main():\n    print(VERSION)\n"
+    )
+    return directory
 
 
 @dataclass(frozen=True)

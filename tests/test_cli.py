@@ -229,9 +229,11 @@ def test_cleanup_templates_removes_cached_venv_templates(
     with IsolationManager() as manager:
         env = manager.create("virtualenv")
         env.run(["python", "-c", "import sys; assert sys.prefix != sys.base_prefix"]).check()
-    templates = [path for path in (cache / "venv-templates").iterdir() if path.is_dir()]
+    listing = list((cache / "venv-templates").iterdir())
+    templates = [path for path in listing if path.is_dir() and not path.is_symlink()]
     assert len(templates) == 1
     [template] = templates
+    [link] = [path for path in listing if path.is_symlink()]  # the name a template is used by
     assert (template / "bin" / "python").exists()
 
     dry = cli("cleanup", "--templates", "--dry-run")
@@ -242,6 +244,7 @@ def test_cleanup_templates_removes_cached_venv_templates(
     assert result.returncode == 0, result.stderr
     assert f"removed cached {template}" in result.stdout
     assert not template.exists()
+    assert not link.is_symlink()
     assert isolation_state.records() == []
 
 

@@ -38,7 +38,7 @@ from pytest_isolation import (
 from pytest_isolation import engines as builtin_engines
 from pytest_isolation.engines.basic import LOCAL_OPTIONS, LocalEnvironment, make_root
 from pytest_isolation.manager import signals_deferred
-from tests.conftest import cli, wait_for
+from tests.conftest import DAEMONS, cli, sleep_command, wait_for
 
 if TYPE_CHECKING:
     from pytest_isolation import EnvSpec, Ledger, ResourceRecord
@@ -178,6 +178,83 @@ def test_it(isolated_env):
     result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
     [root] = roots(pytester)
     assert not root.exists()
+    assert isolation_state.records() == []
+
+
+# --- 1b. daemons: what left the command's process group ---------------------------------------
+
+#: The inner test: start the daemon, check it runs on after its command and was recorded.
+DAEMON_TEST = """
+import json, time
+import psutil
+import pytest
+
+def daemons():
+    return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == {argv!r}]
+
+@pytest.mark.isolated({engine!r})
+def test_it(isolated_env):
+    isolated_env.run({command!r}).check()
+    deadline = time.monotonic() + 10
+    while not daemons() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (daemon,) = daemons()
+    assert daemon.is_running()
+    recorded = [
+        r.identifier for r in isolated_env.resources.records
+        if r.kind == "process" and r.data.get("orphan")
+    ]
+    with open("daemon.json", "w") as note:
+        json.dump({{"pid": daemon.pid, "recorded": recorded}}, note)
+"""
+
+
+@pytest.mark.parametrize("engine", ["basic", "virtualenv"])
+@pytest.mark.parametrize("daemon", list(DAEMONS))
+def test_a_daemon_a_command_started_is_recorded_and_killed_at_teardown(
+    pytester: pytest.Pytester, isolation_state: Ledger, engine: str, daemon: str
+) -> None:
+    """setsid, a job-control shell's nohup, start_new_session and a double fork all leave the
+    command's process group; the daemon runs on for the rest of the test, is recorded in the
+    ledger, and is killed (and reaped) when its environment is torn down."""
+    argv = sleep_command()
+    command = [part.format(sleep=" ".join(argv)) for part in DAEMONS[daemon]]
+    pytester.makepyfile(DAEMON_TEST.format(engine=engine, argv=argv, command=command))
+    pytester.runpytest().assert_outcomes(passed=1)
+    note = json.loads((pytester.path / "daemon.json").read_text())
+    if daemon != "daemon-with-worker":  # the worker is the daemon's child, not the runner's
+        assert str(note["pid"]) in note["recorded"]
+    assert not psutil.pid_exists(note["pid"])  # killed and reaped, not left a zombie
+    assert [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == argv] == []
+    assert isolation_state.records() == []
+
+
+def test_teardown_reaps_no_child_of_the_tests_own(
+    pytester: pytest.Pytester, isolation_state: Ledger
+) -> None:
+    """A process the test itself started (not through its environment) is left to the test:
+    teardown neither kills nor reaps it, so the test's wait() sees its real exit status."""
+    pytester.makepyfile(
+        """
+        import subprocess, time
+        import pytest
+
+        def test_it(isolated_env):
+            mine = subprocess.Popen(["sh", "-c", "sleep 0.3; exit 7"], start_new_session=True)
+            isolated_env.run(["sh", "-c", "setsid sleep 60 >/dev/null 2>&1 &"]).check()
+            done = subprocess.Popen(["sh", "-c", "exit 5"], start_new_session=True)
+            time.sleep(0.1)  # a zombie of the test's own when the environment goes
+            isolated_env.run(["true"]).check()
+            with open("codes.txt", "w") as out:
+                out.write(f"{done.wait()} ")
+            test_it.mine = mine
+
+        def test_later():
+            assert test_it.mine.wait(timeout=10) == 7
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=2)
+    assert (pytester.path / "codes.txt").read_text() == "5 "
     assert isolation_state.records() == []
 
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from pytest_isolation.ledger import Ledger
-from tests.conftest import TEST_IMAGE, cli, need_engine, wait_for
+from tests.conftest import DAEMONS, TEST_IMAGE, cli, need_engine, sleep_command, wait_for
 
 REAPED_WITHIN = 2.0  # seconds from the kill until nothing is left (Ryuk: 10 s, Docker only)
 
@@ -279,3 +279,103 @@ def test_without_its_watchdog_a_lost_ledger_is_swept_by_label(
         assert not leftovers(probe, isolation_state)
     finally:
         _stop(process)
+
+
+#: A test that starts a daemon through its environment, notes it, then blocks.
+DAEMON_THEN_BLOCK = """
+import json, os, time
+import psutil
+import pytest
+
+@pytest.mark.isolated({engine!r})
+def test_blocks(isolated_env):
+    isolated_env.run({command!r}).check()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == {argv!r}]
+        if found:
+            break
+        time.sleep(0.01)
+    made = {{"root": str(isolated_env.root), "daemon": found[0].pid}}
+    with open({state!r} + ".tmp", "w") as handle:
+        json.dump(made, handle)
+    os.replace({state!r} + ".tmp", {state!r})
+    time.sleep(300)
+"""
+
+
+def daemon_run(
+    tmp_path: Path, engine: str, daemon: str
+) -> tuple[subprocess.Popen[bytes], Path, list[str]]:
+    argv = sleep_command()
+    command = [part.format(sleep=" ".join(argv)) for part in DAEMONS[daemon]]
+    state = tmp_path / "made.json"
+    (tmp_path / "test_daemon.py").write_text(
+        DAEMON_THEN_BLOCK.format(engine=engine, command=command, argv=argv, state=str(state))
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_daemon.py"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return process, state, argv
+
+
+def running(argv: list[str]) -> list[int]:
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        if process.info["cmdline"] == argv and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(process.pid)
+    return found
+
+
+@pytest.mark.parametrize("engine", ["basic", "virtualenv"])
+@pytest.mark.parametrize("daemon", ["setsid", "double-fork", "daemon-with-worker"])
+def test_daemons_of_a_killed_run_are_reaped_by_its_watchdog(
+    tmp_path: Path, isolation_state: Ledger, engine: str, daemon: str
+) -> None:
+    """SIGKILL of a runner whose environment started a daemon (it left the command's process
+    group and lives on, re-parented to the runner): the watchdog finds it by its environment's
+    token among all processes and kills it, within two seconds."""
+    process, state, argv = daemon_run(tmp_path, engine, daemon)
+    try:
+        made = wait_for(lambda: made_by(state) if state.exists() else None, "the daemon", 120)
+        assert running(argv) == [made["daemon"]]
+        started = time.monotonic()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        wait_for(lambda: not running(argv), "the daemon to be killed", 15)
+        wait_for(lambda: not Path(made["root"]).exists(), "the environment's removal", 15)
+        wait_for(lambda: not isolation_state.records(), "the ledger to empty", 15)
+        elapsed = time.monotonic() - started
+        assert elapsed <= REAPED_WITHIN, f"reaped only after {elapsed:.2f}s"
+    finally:
+        _stop(process)
+        for pid in running(argv):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_without_its_watchdog_a_killed_runs_daemon_is_killed_by_cleanup(
+    tmp_path: Path, isolation_state: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runner and watchdog both killed: the daemon lives on until `pytest-isolation cleanup`,
+    which finds it through the ledger and kills it."""
+    monkeypatch.setenv("PYTEST_ISOLATION_WATCHDOG", "0")
+    process, state, argv = daemon_run(tmp_path, "basic", "setsid")
+    try:
+        made = wait_for(lambda: made_by(state) if state.exists() else None, "the daemon", 120)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        time.sleep(0.3)
+        assert running(argv) == [made["daemon"]], "the daemon should have survived the kill"
+        cleanup = cli("cleanup", module=True)
+        assert cleanup.returncode == 0, cleanup.stderr
+        assert f"removed directory {made['root']}" in cleanup.stdout
+        assert running(argv) == []
+        assert isolation_state.records() == []
+    finally:
+        _stop(process)
+        for pid in running(argv):
+            os.kill(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import os
 import shlex
 import shutil
@@ -21,10 +22,10 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ..beneath import read_beneath, write_beneath
 from ..errors import InvalidSpec, IsolationError, OperationNotSupported
@@ -40,6 +41,7 @@ __all__ = [
     "EngineContext",
     "EnvStatus",
     "IsolatedEnvironment",
+    "Progress",
     "Resources",
 ]
 
@@ -69,8 +71,31 @@ class Availability:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """One slow set-up step (a template build, an image pull) starting or ending.
+
+    ``state`` is ``"started"``, ``"finished"`` or ``"failed"``; ``duration`` is
+    the step's seconds, set once it ended.  The plugin prints each as one line.
+    """
+
+    engine: str
+    step: str
+    state: Literal["started", "finished", "failed"]
+    duration: float | None = None
+
+
+def _no_progress(progress: Progress) -> None:
+    """Where no one listens (an engine made outside a manager)."""
+
+
+@dataclass(frozen=True)
 class EngineContext:
-    """What an engine may use from the run: its identity and where to put things."""
+    """What an engine may use from the run: its identity and where to put things.
+
+    ``progress`` receives the steps of slow set-ups (see :meth:`step`);
+    ``recreate`` asks engines to rebuild, once in this run, every cached
+    template the run uses (``--isolation-recreate``).
+    """
 
     session_id: str
     owner: Owner
@@ -80,6 +105,20 @@ class EngineContext:
     #: The run's settings (engine option defaults from the command line, environment and
     #: ini), for checks that must use them before any environment asks (which cluster).
     settings: Settings | None = None
+    progress: Callable[[Progress], None] = _no_progress
+    recreate: bool = False
+
+    @contextlib.contextmanager
+    def step(self, engine: str, step: str) -> Iterator[None]:
+        """Report ``step`` of ``engine`` as started, then finished (or failed) with its time."""
+        self.progress(Progress(engine, step, "started"))
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException:
+            self.progress(Progress(engine, step, "failed", time.monotonic() - started))
+            raise
+        self.progress(Progress(engine, step, "finished", time.monotonic() - started))
 
     def engine_resources(self, engine: str, release: Callable[[ResourceRecord], None]) -> Resources:
         """A stack for resources an engine keeps across environments (networks, pools)."""
@@ -151,14 +190,15 @@ class Resources:
         """Record a running command's process group for as long as it runs (an ``on_spawn``
         hook): a teardown while it still runs (a command of another thread) kills it too."""
         record = self.add("process", str(pid), started=_started(pid), group=True)
+        return functools.partial(self.forget, record)
 
-        def forget() -> None:
-            with self._lock:
-                if record in self._stack:
-                    self._stack.remove(record)
-            self.ledger.remove(record)
-
-        return forget
+    def forget(self, record: ResourceRecord) -> None:
+        """Drop ``record`` unreleased: its resource is gone, or now belongs to something that
+        outlives the environment (a finished template, handed to the cache)."""
+        with self._lock:
+            if record in self._stack:
+                self._stack.remove(record)
+        self.ledger.remove(record)
 
     def transfer(self, record: ResourceRecord, to: Resources) -> ResourceRecord:
         """Hand one resource to another stack (a pooled container to its environment):
@@ -197,11 +237,22 @@ def _started(pid: int) -> float:
 
 
 def release_directory(record: ResourceRecord) -> None:
-    """Remove a directory tree, making read-only parts writable first."""
+    """Remove a directory tree, making read-only parts writable first.
+
+    An environment's directory whose record names the token of its commands
+    (``orphans``, see :mod:`pytest_isolation.orphans`) has what they left
+    running killed first.
+    """
     path = Path(record.identifier)
     if not path.is_absolute() or path == Path(path.anchor) or len(path.parts) < 3:
         # a record is data from a file: never let a damaged one name "." or "/"
         raise IsolationError(f"refusing to remove {record.identifier!r}: not an environment's path")
+    token = record.data.get("orphans")
+    if isinstance(token, str):
+        from ..orphans import release_orphans, started_here
+
+        made_here = started_here(record.owner.pid, record.owner.started)
+        release_orphans(token, made_here=made_here)
 
     def make_writable(function: Callable[..., object], name: str, exc: object) -> None:
         with contextlib.suppress(OSError):

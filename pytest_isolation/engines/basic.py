@@ -9,6 +9,9 @@ Layout of one environment (``<root>`` is ``$TMPDIR/pytest-isolation-<session>-<i
 Commands see only the variables of an allow-list (``PATH``, locale and
 terminal settings, ``USER``), those named by the ``inherit_env`` option, and
 those the test passes — so secrets and settings of the host do not leak in.
+
+What a command starts is killed with it (its process group), and what left the
+group (a daemon) is killed at teardown: see :mod:`pytest_isolation.orphans`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from types import MappingProxyType
 from typing import cast
 
 from ..execution import ExecResult, execute
+from ..orphans import EnvironmentProcesses
 from ..spec import EnvSpec, Option, string_list
 from .base import Engine, IsolatedEnvironment, Resources
 
@@ -55,13 +59,26 @@ LOCAL_OPTIONS: Mapping[str, Option] = MappingProxyType(
 
 
 class LocalEnvironment(IsolatedEnvironment):
-    """An environment whose commands run on the host, in a private directory tree."""
+    """An environment whose commands run on the host, in a private directory tree.
 
-    def __init__(self, *, env_id: str, spec: EnvSpec, resources: Resources, root: Path):
+    With ``processes``, what its commands start outside their process groups
+    is tracked and killed at teardown too (engines without a PID namespace).
+    """
+
+    def __init__(
+        self,
+        *,
+        env_id: str,
+        spec: EnvSpec,
+        resources: Resources,
+        root: Path,
+        processes: EnvironmentProcesses | None = None,
+    ):
         super().__init__(env_id=env_id, spec=spec, resources=resources, path=root / "workspace")
         self.root = root
         self.home = root / "home"
         self.tmp = root / "tmp"
+        self.processes = processes
         self.environ = self._base_environ()
 
     def _base_environ(self) -> dict[str, str]:
@@ -69,6 +86,8 @@ class LocalEnvironment(IsolatedEnvironment):
         environ = {name: value for name, value in os.environ.items() if inherited(name)}
         tmp = str(self.tmp)
         environ.update(HOME=str(self.home), TMPDIR=tmp, TMP=tmp, TEMP=tmp)
+        if self.processes is not None:
+            environ.update(self.processes.environ)
         environ.update(self.spec.env)
         return environ
 
@@ -82,14 +101,19 @@ class LocalEnvironment(IsolatedEnvironment):
         input: str | bytes | None,
     ) -> ExecResult:
         assert self.path is not None
-        return execute(
-            argv,
-            cwd=self.path / cwd if cwd is not None else self.path,
-            env={**self.environ, **env},
-            input=input,
-            timeout=timeout,
-            on_spawn=self.resources.track_process,
-        )
+        processes = self.processes
+        try:
+            return execute(
+                argv,
+                cwd=self.path / cwd if cwd is not None else self.path,
+                env={**self.environ, **env},
+                input=input,
+                timeout=timeout,
+                on_spawn=processes.spawned if processes else self.resources.track_process,
+            )
+        finally:
+            if processes is not None:
+                processes.collect()
 
 
 @functools.lru_cache(maxsize=64)
@@ -99,11 +123,12 @@ def _matcher(extra: tuple[str, ...]) -> Callable[[str], object]:
     return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns)).match
 
 
-def make_root(engine: Engine, env_id: str, resources: Resources) -> Path:
-    """Create ``<root>`` with ``workspace``, ``home`` and ``tmp``, recorded before it exists."""
+def make_root(engine: Engine, env_id: str, resources: Resources, **data: object) -> Path:
+    """Create ``<root>`` with ``workspace``, ``home`` and ``tmp``, recorded (with ``data``)
+    before it exists."""
     context = engine.context
     root = context.temp_dir / f"pytest-isolation-{context.session_id[:8]}-{env_id}"
-    resources.add("directory", str(root))
+    resources.add("directory", str(root), **data)
     root.mkdir(mode=0o700)  # fails if the name exists: never adopt someone else's directory
     for name in ("workspace", "home", "tmp"):
         (root / name).mkdir()
@@ -118,6 +143,12 @@ class BasicEngine(Engine):
     options = LOCAL_OPTIONS
 
     def create(self, spec: EnvSpec, env_id: str, resources: Resources) -> LocalEnvironment:
+        token = EnvironmentProcesses.new_token()
+        root = make_root(self, env_id, resources, orphans=token)
         return LocalEnvironment(
-            env_id=env_id, spec=spec, resources=resources, root=make_root(self, env_id, resources)
+            env_id=env_id,
+            spec=spec,
+            resources=resources,
+            root=root,
+            processes=EnvironmentProcesses.start(resources, token),
         )
