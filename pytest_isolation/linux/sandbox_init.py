@@ -331,14 +331,19 @@ def harden(program: bytes) -> None:
 
 
 def _serve(sock: socket.socket) -> NoReturn:
-    """PID 1: start each requested command under a shepherd; reap every orphan; leave
-    (taking the whole PID namespace along) when the runner closes the socket."""
+    """PID 1: hand each requested command to a shepherd; reap every orphan; leave (taking
+    the whole PID namespace along) when the runner closes the socket.
+
+    One shepherd is always forked ahead and waits for its command, so that starting
+    a command costs no fork of its own.
+    """
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    spare = _spare_shepherd(sock, wake_r, wake_w)
     while True:
         try:
             events = poller.poll()
@@ -355,19 +360,47 @@ def _serve(sock: socket.socket) -> NoReturn:
                 request, fds = None, []
             if request is None:
                 os._exit(0)
-            try:
-                shepherd = os.fork()
-            except OSError as exc:
-                _fail_command(fds, f"fork failed: {exc}", 126)
+            if spare is None:
+                spare = _spare_shepherd(sock, wake_r, wake_w)
+            if spare is None:
+                _fail_command(fds, "cannot start a shepherd (fork failed)", 126)
                 continue
-            if shepherd == 0:
-                signal.set_wakeup_fd(-1)
-                os.close(wake_r)
-                os.close(wake_w)
-                sock.close()
-                _shepherd(request, fds)
-            for received in fds:
-                os.close(received)
+            try:
+                send(spare, request, fds)
+            except OSError as exc:
+                _fail_command(fds, f"the shepherd is gone: {exc}", 126)
+            else:
+                for received in fds:
+                    os.close(received)
+            spare.close()
+            spare = _spare_shepherd(sock, wake_r, wake_w)
+
+
+def _spare_shepherd(sock: socket.socket, wake_r: int, wake_w: int) -> socket.socket | None:
+    """Fork a shepherd that waits for its command on the socket returned."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        shepherd = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        return None
+    if shepherd == 0:
+        signal.set_wakeup_fd(-1)
+        for fd in (wake_r, wake_w):
+            os.close(fd)
+        sock.close()
+        ours.close()
+        try:
+            request, fds = receive(theirs)
+        except OSError:
+            request = None
+        if request is None:
+            os._exit(0)  # never used: the sandbox is ending
+        theirs.close()
+        _shepherd(request, fds)
+    theirs.close()
+    return ours
 
 
 def _drain(fd: int) -> None:
@@ -508,6 +541,19 @@ def _kill_descendants() -> None:
 
 
 def _children(parent: int) -> list[int]:
+    """The children of ``parent`` (this process): its threads' ``children`` files where
+    the kernel has them, else a look through ``/proc``."""
+    try:
+        tasks = os.listdir(f"/proc/{parent}/task")
+        found: list[int] = []
+        for task in tasks:
+            with open(f"/proc/{parent}/task/{task}/children", "rb") as handle:
+                found += [int(pid) for pid in handle.read().split()]
+        return found
+    except FileNotFoundError:
+        pass  # no CONFIG_PROC_CHILDREN
+    except OSError:
+        return []
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -517,7 +563,7 @@ def _children(parent: int) -> list[int]:
                 fields = handle.read().rpartition(b")")[2].split()
         except OSError:
             continue
-        if len(fields) > 1 and int(fields[1]) == parent and fields[0] != b"Z":
+        if len(fields) > 1 and int(fields[1]) == parent:
             found.append(int(name))
     return found
 
