@@ -13,7 +13,7 @@ from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType, MappingProxyType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import pytest
 
@@ -23,10 +23,12 @@ from .manager import IsolationManager
 from .spec import EnvSpec, Settings, resolve_spec
 from .watchdog import sweep_labels_in_background
 
+if TYPE_CHECKING:
+    from .inside.controller import Controller
+
 SPEC_KEY = pytest.StashKey[EnvSpec]()
 ENV_KEY = pytest.StashKey[IsolatedEnvironment]()
 USED_KEY = pytest.StashKey[IsolatedEnvironment]()
-FAILED_KEY = pytest.StashKey[bool]()
 #: Templates and caches unused for this long are removed at the end of a run.
 CACHE_MAX_AGE = 30 * 24 * 3600.0
 
@@ -65,6 +67,8 @@ class IsolationSession:
         self._previous_sigterm: Any = None
         self._sweeping: subprocess.Popen[bytes] | None = None
         self._writing = threading.Lock()  # environments may be made from a test's threads
+        self._inside: Controller | None = None
+        self._failed: set[str] = set()  # node ids with a failed set-up or call, as logged
 
     # --- settings and specs ---
 
@@ -187,7 +191,7 @@ class IsolationSession:
     def _finish(self, key: tuple[str, str], env: IsolatedEnvironment) -> None:
         self._scoped.pop(key, None)
         users = self._users.pop(env.id, [])
-        failed = any(user.stash.get(FAILED_KEY, False) for user in users)
+        failed = any(user.nodeid in self._failed for user in users)
         keep = env.spec.keep == "all" or (env.spec.keep == "failed" and failed)
         try:
             self.manager.destroy(env, keep=keep, keep_for=env.spec.keep_ttl)
@@ -210,45 +214,63 @@ class IsolationSession:
         except InvalidSpec:
             return False  # the normal protocol reports it
 
+    @property
+    def inside(self) -> Controller:
+        """The runner of test bodies inside their environments (see :mod:`.inside`)."""
+        if self._inside is None:
+            from .inside.controller import Controller
+
+            self._inside = Controller(self.config, self)
+        return self._inside
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> object:
+        """pytest's own loop, but an item that runs inside is handed to the controller
+        instead of the protocol's hook chain: that chain (timeouts, reruns, subtests,
+        faulthandler) runs where the test runs.  Only when some item runs inside, and
+        never where pytest-xdist distributes the items."""
+        if self.worker or self.config.pluginmanager.has_plugin("dsession"):
+            return None
+        if not any(self.runs_inside(item) for item in session.items):
+            return None
+        if session.testsfailed and not session.config.option.continue_on_collection_errors:
+            raise session.Interrupted(
+                f"{session.testsfailed} error{'s' if session.testsfailed != 1 else ''} "
+                "during collection"
+            )
+        if session.config.option.collectonly:
+            return True
+        for index, item in enumerate(session.items):
+            nextitem = session.items[index + 1] if index + 1 < len(session.items) else None
+            if self.runs_inside(item):
+                self.inside.run(item, nextitem)
+            else:
+                item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            if session.shouldfail:
+                raise session.Failed(session.shouldfail)
+            if session.shouldstop:
+                raise session.Interrupted(session.shouldstop)
+        return True
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> object:
-        if not self.runs_inside(item):
+        """In a pytest-xdist worker, whose loop is xdist's: an item that runs inside goes
+        to the controller from here.  Inside the worker process itself, step aside."""
+        if (self._inside is not None and self._inside.in_worker) or not self.runs_inside(item):
             return None
-        from .inside import failure_report, run_forked
-
-        ihook = item.ihook
-        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        setup = pytest.CallInfo.from_call(lambda: self._inside_env(item), when="setup")
-        if setup.excinfo is not None:  # skipped, unavailable or failed to make
-            self._log(item, ihook.pytest_runtest_makereport(item=item, call=setup))
-            nothing = pytest.CallInfo.from_call(lambda: None, when="teardown")
-            self._log(item, ihook.pytest_runtest_makereport(item=item, call=nothing))
-        else:
-            env = setup.result
-            # events made so far ride on the child's reports, if any come
-            pending = len(self._events)
-            outcome = run_forked(item, nextitem, env)
-            reports = outcome.reports
-            if reports:
-                del self._events[:pending]
-            else:
-                why = env.explain_exit(outcome.status, outcome.timed_out, outcome.error)
-                setup_ok = pytest.CallInfo.from_call(lambda: None, when="setup")
-                reports = [
-                    ihook.pytest_runtest_makereport(item=item, call=setup_ok),
-                    failure_report(item, "call", why),
-                ]
-                nothing = pytest.CallInfo.from_call(lambda: None, when="teardown")
-                reports.append(ihook.pytest_runtest_makereport(item=item, call=nothing))
-            for report in reports[:-1]:
-                self._log(item, report)
-            try:
-                self._finish(("", env.id), env)
-            except TeardownError as exc:
-                reports[-1] = failure_report(item, "teardown", str(exc))
-            self._log(item, reports[-1])
-        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        self.inside.run(item, nextitem)
         return True
+
+    # the controller's view of this run (see inside.controller.Host)
+
+    def inside_environment(self, item: pytest.Item) -> IsolatedEnvironment:
+        return self._inside_env(item)
+
+    def finish_environment(self, item: pytest.Item, env: IsolatedEnvironment) -> None:
+        self._finish(("", env.id), env)
+
+    def log(self, item: pytest.Item, report: pytest.TestReport) -> None:
+        self._log(item, report)
 
     def _inside_env(self, item: pytest.Item) -> IsolatedEnvironment:
         spec = self._usable_spec(item)
@@ -258,18 +280,38 @@ class IsolationSession:
                 f"scope={spec.scope!r} cannot be shared with it (use scope='function')",
                 pytrace=False,
             )
-        if not spec.options.get("inside"):  # --isolation-inside: the engine must know
-            spec = dataclasses.replace(
-                spec, options=MappingProxyType({**spec.options, "inside": True})
+        options = {**spec.options, "inside": True}  # --isolation-inside: the engine must know
+        if "writable" in self.manager.registry.get(spec.engine).options:
+            options["writable"] = tuple(
+                dict.fromkeys(
+                    (*cast("tuple[str, ...]", spec.options["writable"]), *self._scratch())
+                )
             )
+        spec = dataclasses.replace(spec, options=MappingProxyType(options))
         env = self._create(item, spec)
         self._users[env.id] = [item]
         item.stash[ENV_KEY] = env
         return env
 
+    def _scratch(self) -> list[str]:
+        """What a test body may write inside as it would in-process: pytest's base
+        temporary directory (made now, once, so that every test shares it) and the tool
+        databases of the rootdir (``.pytest_cache``, hypothesis' ``.hypothesis``)."""
+        found = []
+        factory = getattr(self.config, "_tmp_path_factory", None)  # pytest's, no public API
+        if factory is not None:
+            found.append(str(factory.getbasetemp().resolve()))
+        cache = self.config.rootpath / ".pytest_cache"
+        if cache.is_dir():
+            found.append(str(cache))
+        if "hypothesis" in sys.modules:  # its example database, made where hypothesis would
+            database = self.config.rootpath / ".hypothesis"
+            with contextlib.suppress(OSError):
+                database.mkdir(exist_ok=True)
+                found.append(str(database))
+        return found
+
     def _log(self, item: pytest.Item, report: pytest.TestReport) -> None:
-        if report.failed and report.when in ("setup", "call"):
-            item.stash[FAILED_KEY] = True
         if self._events:
             report.isolation_events = self._events  # type: ignore[attr-defined]
             self._events = []
@@ -283,7 +325,6 @@ class IsolationSession:
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
         if report.failed and report.when in ("setup", "call"):
-            item.stash[FAILED_KEY] = True
             used = item.stash.get(USED_KEY, None)
             if used is not None:
                 for title, text in used.report_sections():
@@ -295,6 +336,10 @@ class IsolationSession:
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.failed and report.when in ("setup", "call"):
+            # the outcome as logged is final: a failure that pytest-rerunfailures retries is
+            # logged as "rerun", and only a failure that stays keeps an environment
+            self._failed.add(report.nodeid)
         self._absorb(getattr(report, "isolation_events", ()))
         if self._sweeping is not None and self._sweeping.poll() is not None:
             self._sweeping = None  # reaped as soon as it is done, not left a zombie

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import glob
 import os
 import shlex
 import sys
@@ -104,6 +103,22 @@ def _mounts(value: object, base_dir: Path) -> tuple[Mount, ...]:
     return tuple(mounts)
 
 
+def _existing_paths(value: object, base_dir: Path) -> tuple[str, ...]:
+    """Existing host paths (relative ones from ``base_dir``), absolute."""
+    items = [value] if isinstance(value, str | os.PathLike) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"expected a list of paths, got {value!r}")
+    paths = []
+    for item in items:
+        if not isinstance(item, str | os.PathLike) or not str(item):
+            raise ValueError(f"expected a path, got {item!r}")
+        resolved = (base_dir / item).resolve()
+        if not resolved.exists():
+            raise ValueError(f"{resolved} does not exist")
+        paths.append(str(resolved))
+    return tuple(paths)
+
+
 SANDBOX_OPTIONS = MappingProxyType(
     {
         **LOCAL_OPTIONS,
@@ -115,6 +130,13 @@ SANDBOX_OPTIONS = MappingProxyType(
             True,
         ),
         "mounts": Option("mounts", "extra binds: ['SOURCE:TARGET[:ro|rw]', ...]", _mounts, ()),
+        "writable": Option(
+            "writable",
+            "host paths a test body inside may write, at their own paths (pytest's base "
+            "temporary directory and tool caches are added for inside mode)",
+            _existing_paths,
+            (),
+        ),
         "inside": Option(
             "inside", "run the test function itself inside the sandbox", boolean, False
         ),
@@ -303,20 +325,13 @@ def _interpreter() -> tuple[str, ...]:
 
 
 def _paths(spec: EnvSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """What an environment of ``spec`` must read (the interpreter, and a test body's
-    paths) and write besides its own directories."""
+    """What an environment of ``spec`` must read (the interpreter; for a test body inside,
+    its working directory and import path) and write besides its own directories."""
+    writable = cast("tuple[str, ...]", spec.options["writable"])
     if not spec.options.get("inside"):
-        return _interpreter(), ()
-    readable, writable = _test_paths()
-    return _interpreter() + readable, writable
-
-
-def _test_paths() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """What a test body run inside must read (the working directory and the import path)
-    and write (pytest's temporary directories)."""
-    readable = [d for d in dict.fromkeys((os.getcwd(), *sys.path)) if d and os.path.isdir(d)]
-    writable = glob.glob(os.path.join(tempfile.gettempdir(), "pytest-of-*"))
-    return tuple(os.path.realpath(p) for p in readable), tuple(writable)
+        return _interpreter(), writable
+    here = [d for d in dict.fromkeys((os.getcwd(), *sys.path)) if d and os.path.isdir(d)]
+    return _interpreter() + tuple(os.path.realpath(p) for p in here), writable
 
 
 def _size(value: int | None) -> str:

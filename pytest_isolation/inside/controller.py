@@ -1,0 +1,333 @@
+"""The runner's side of inside mode: start the test where its environment is, fire what
+comes back as if the test had run here, and turn every way it can go wrong into the
+report the user would have had in-process.
+
+One item at a time: the environment is made here (its set-up is the item's
+set-up), the transport starts the worker (a fork for the sandbox), and the
+worker's events are fired again in this process — so the terminal, junitxml,
+the warnings summary, ``-x`` and every other plugin see them as their own.
+The runner keeps its own setup stack in step: the fixtures it set up for
+earlier tests are torn down here, when the next item no longer needs them, as
+pytest would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import shutil
+import signal
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+
+from . import worker
+from .channel import Channel, ChannelClosed
+
+if TYPE_CHECKING:
+    from ..engines.base import IsolatedEnvironment
+
+
+class Host(Protocol):
+    """What the controller needs of the plugin's per-run state."""
+
+    def inside_environment(self, item: pytest.Item) -> IsolatedEnvironment:
+        """Make ``item``'s environment (its set-up); raise as a fixture would."""
+
+    def finish_environment(self, item: pytest.Item, env: IsolatedEnvironment) -> None:
+        """Tear ``env`` down (or keep it); raises ``TeardownError``."""
+
+    def log(self, item: pytest.Item, report: pytest.TestReport) -> None:
+        """Log ``report`` for ``item`` (``pytest_runtest_logreport``)."""
+
+
+@dataclass
+class _Run:
+    """What came back from one worker."""
+
+    started: bool = False
+    phases: set[str] = field(default_factory=set)
+    held: pytest.TestReport | None = None  # the last teardown report, until the runner's own
+    finished: bool = False
+    done: dict[str, Any] | None = None
+    error: str = ""
+    timed_out: bool = False
+    status: int | None = None
+    interrupted: BaseException | None = None  # what stopped the runner while it waited
+
+
+class Controller:
+    """Runs items inside their environments, one at a time, for one pytest run."""
+
+    def __init__(self, config: pytest.Config, host: Host) -> None:
+        self.config = config
+        self.host = host
+        self.relay = worker.Relay(config)
+        #: set in a worker: the plugin's own protocol hook must then step aside
+        self.in_worker = False
+        config.pluginmanager.register(self.relay, "isolation-relay")
+
+    def run(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        """The whole protocol of ``item`` (set-up, call, teardown, log) inside its
+        environment; raises what pytest would have raised in-process (``pytest.exit``,
+        ``KeyboardInterrupt``)."""
+        made = pytest.CallInfo.from_call(lambda: self.host.inside_environment(item), when="setup")
+        if made.excinfo is not None:  # skipped, unavailable or failed to make
+            self._without_worker(item, nextitem, made)
+            return
+        env = made.result
+        coverage = Path(env.path or env.id)
+        run = _Run()
+        try:
+            pid = self._start(item, env, coverage)
+            self._follow(item, env, pid, run)
+        finally:
+            self._finish(item, nextitem, env, run, coverage)
+
+    # --- start and follow a worker ---
+
+    def _start(self, item: pytest.Item, env: IsolatedEnvironment, coverage: Path) -> int:
+        """Fork a worker that enters ``env``; the runner keeps the channel's read end."""
+        factory = getattr(self.config, "_tmp_path_factory", None)  # pytest's, no public API
+        if factory is not None:
+            factory.getbasetemp()  # made here once, so that workers share it
+        read, write = os.pipe()
+        with env.forking(), _quiet_fork_warning():
+            gc.freeze()  # the worker does not touch (and copy) the runner's objects
+            try:
+                pid = os.fork()
+            finally:
+                if pid != 0:
+                    gc.unfreeze()
+        if pid == 0:  # pragma: no cover - the worker; its events are checked by the runner
+            os.close(read)
+            self.in_worker = True
+            worker.run(item, env, Channel(write), self.relay, coverage)
+        os.close(write)
+        self._channel = Channel(read)
+        return pid
+
+    def _follow(self, item: pytest.Item, env: IsolatedEnvironment, pid: int, run: _Run) -> None:
+        """Fire the worker's events here until it is done, dies, or runs out of time."""
+        limit = env.spec.limits.timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        channel = self._channel
+        try:
+            while run.done is None:
+                try:
+                    event = channel.receive(deadline)
+                except ChannelClosed:
+                    break
+                if event is None:
+                    run.timed_out = True
+                    break
+                self._fire(item, event, run)
+        except BaseException as exc:  # the runner was stopped while it waited
+            run.interrupted = exc
+        finally:
+            channel.close()
+            run.status = _end(pid, kill=run.done is None)
+
+    def _fire(self, item: pytest.Item, event: dict[str, Any], run: _Run) -> None:
+        name = event["event"]
+        ihook = item.ihook
+        if name == "logstart":
+            run.started = True
+            ihook.pytest_runtest_logstart(nodeid=event["nodeid"], location=_location(event))
+        elif name == "logreport":
+            report = self._report(item, event)
+            self._release_held(item, run)
+            if report.nodeid == item.nodeid and report.when == "teardown":
+                run.held = report  # logged once the runner's own teardown is known
+            else:
+                self.host.log(item, report)
+            if report.nodeid == item.nodeid:
+                run.phases.add(report.when)
+        elif name == "warning":
+            message = worker.deserialize_warning(event["warning"])
+            self.config.hook.pytest_warning_recorded.call_historic(
+                kwargs={
+                    "warning_message": message,
+                    "when": event.get("when", "runtest"),
+                    "nodeid": event.get("nodeid", item.nodeid),
+                    "location": _location(event) if event.get("location") else None,
+                }
+            )
+        elif name == "logfinish":
+            run.finished = True
+        elif name == "done":
+            run.done = event
+        elif name == "crash":
+            run.error = str(event.get("error", ""))
+
+    def _report(self, item: pytest.Item, event: dict[str, Any]) -> pytest.TestReport:
+        data = event["report"]
+        if isinstance(data.get("longrepr"), list):
+            # JSON has no tuples; a skip's (path, line, reason) must be one again
+            data["longrepr"] = tuple(data["longrepr"])
+        report: pytest.TestReport = self.config.hook.pytest_report_from_serializable(
+            config=self.config, data=data
+        )
+        for place in event.get("lossy", ()):
+            item.warn(
+                pytest.PytestWarning(
+                    f"a value in the report of {item.nodeid} could not be carried from inside "
+                    f"its environment and is shown as its repr ({place})"
+                )
+            )
+        return report
+
+    def _release_held(self, item: pytest.Item, run: _Run) -> None:
+        """A teardown report followed by more (a rerun): log it now."""
+        if run.held is not None:
+            self.host.log(item, run.held)
+            run.held = None
+
+    # --- the end of an item ---
+
+    def _finish(
+        self,
+        item: pytest.Item,
+        nextitem: pytest.Item | None,
+        env: IsolatedEnvironment,
+        run: _Run,
+        coverage: Path,
+    ) -> None:
+        ihook = item.ihook
+        if not run.started:
+            ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        if run.done is None or run.interrupted is not None:
+            self._died(item, env, run)
+        _collect_coverage(run.done, coverage)
+        teardown = self._teardown_here(item, nextitem, env)
+        report = teardown if teardown is not None else run.held
+        if report is None:  # the worker never got as far as its teardown
+            nothing = pytest.CallInfo.from_call(lambda: None, when="teardown")
+            report = _made(item, nothing)
+        elif run.held is not None and report is not run.held:
+            report.sections = run.held.sections + report.sections
+        self.host.log(item, report)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        if isinstance(run.interrupted, KeyboardInterrupt | pytest.exit.Exception):
+            raise run.interrupted
+        if run.done is not None and run.done.get("interrupted"):
+            raise KeyboardInterrupt
+        if run.done is not None and "exit" in run.done:
+            pytest.exit(str(run.done["exit"]), returncode=run.done.get("returncode"))
+
+    def _died(self, item: pytest.Item, env: IsolatedEnvironment, run: _Run) -> None:
+        """Reports for the phases the worker never reported: why it ended, as a failure."""
+        if run.interrupted is not None and not isinstance(
+            run.interrupted, KeyboardInterrupt | pytest.exit.Exception
+        ):
+            # an exception raised here while waiting (a timeout plugin's): the test's own
+            error = run.interrupted
+            call = pytest.CallInfo.from_call(_raiser(error), when="call")
+        else:
+            why = env.explain_exit(run.status, run.timed_out, run.error)
+            call = pytest.CallInfo.from_call(lambda: pytest.fail(why, pytrace=False), when="call")
+        if "setup" not in run.phases:
+            passed = pytest.CallInfo.from_call(lambda: None, when="setup")
+            self.host.log(item, _made(item, passed))
+        if "call" not in run.phases:
+            self.host.log(item, _made(item, call))
+
+    def _teardown_here(
+        self, item: pytest.Item, nextitem: pytest.Item | None, env: IsolatedEnvironment
+    ) -> pytest.TestReport | None:
+        """The runner's part of the teardown: what it set up for earlier items and the next
+        one does not need, then the environment.  A failing report, or None."""
+        state = item.session._setupstate  # no public API: pytest's per-session setup stack
+        ours = pytest.CallInfo.from_call(lambda: state.teardown_exact(nextitem), when="teardown")
+        if ours.excinfo is None:
+            ours = pytest.CallInfo.from_call(
+                lambda: self.host.finish_environment(item, env), when="teardown"
+            )
+        if ours.excinfo is None:
+            return None
+        return _made(item, ours)
+
+    def _without_worker(
+        self, item: pytest.Item, nextitem: pytest.Item | None, made: pytest.CallInfo[Any]
+    ) -> None:
+        """No environment (skipped, unavailable, failed to make): report the set-up as
+        pytest would report a fixture's failure."""
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        self.host.log(item, _made(item, made))
+        state = item.session._setupstate
+        teardown = pytest.CallInfo.from_call(
+            lambda: state.teardown_exact(nextitem), when="teardown"
+        )
+        self.host.log(item, _made(item, teardown))
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+
+def _made(item: pytest.Item, call: pytest.CallInfo[Any]) -> pytest.TestReport:
+    """A report of the runner's own making (the worker's are the plugins'): pytest's
+    plain one, for no plugin prepared this item here (pytest-rerunfailures' report hook
+    expects its own protocol to have run in this process)."""
+    return pytest.TestReport.from_item_and_call(item, call)
+
+
+def _location(event: dict[str, Any]) -> tuple[str, int | None, str]:
+    path, line, name = event["location"]
+    return str(path), line, str(name)
+
+
+def _raiser(error: BaseException) -> Any:
+    def raise_it() -> None:
+        raise error
+
+    return raise_it
+
+
+def _end(pid: int, *, kill: bool) -> int:
+    """Reap the worker (killing its process group first if it has not finished); its exit
+    status, a death by signal as 128 + signal."""
+    if kill:
+        for target in (-pid, pid):  # the worker leads its own process group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(target, signal.SIGKILL)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 0
+        return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _collect_coverage(done: dict[str, Any] | None, directory: Path) -> None:
+    """Move the worker's coverage data beside the run's own, where coverage.py (or
+    pytest-cov) combines it."""
+    if done is None or not done.get("coverage"):
+        return
+    import coverage
+
+    current = coverage.Coverage.current()
+    source = Path(str(done["coverage"]))
+    if current is None or not source.is_file():
+        return
+    data_file = Path(str(current.get_option("run:data_file") or ".coverage")).absolute()
+    shutil.move(source, data_file.with_name(data_file.name + source.name[len(".coverage") :]))
+
+
+@contextlib.contextmanager
+def _quiet_fork_warning() -> Iterator[None]:
+    """Python 3.12+ warns when a multi-threaded process forks; the fork is the plugin's,
+    and the worker touches nothing of the other threads: not the user's warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r".*use of fork\(\) may lead to deadlocks",
+            category=DeprecationWarning,
+        )
+        yield
