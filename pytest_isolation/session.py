@@ -300,7 +300,9 @@ class IsolationSession:
         found = []
         factory = getattr(self.config, "_tmp_path_factory", None)  # pytest's, no public API
         if factory is not None:
-            found.append(str(factory.getbasetemp().resolve()))
+            # a base temporary directory pytest cannot make fails tmp_path inside as here
+            with contextlib.suppress(OSError):
+                found.append(str(factory.getbasetemp().resolve()))
         cache = self.config.rootpath / ".pytest_cache"
         if cache.is_dir():
             found.append(str(cache))

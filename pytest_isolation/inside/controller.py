@@ -77,6 +77,7 @@ class Controller:
         """The whole protocol of ``item`` (set-up, call, teardown, log) inside its
         environment; raises what pytest would have raised in-process (``pytest.exit``,
         ``KeyboardInterrupt``)."""
+        self._lossy: set[str] = set()
         made = pytest.CallInfo.from_call(lambda: self.host.inside_environment(item), when="setup")
         if made.excinfo is not None:  # skipped, unavailable or failed to make
             self._without_worker(item, nextitem, made)
@@ -174,14 +175,37 @@ class Controller:
         report: pytest.TestReport = self.config.hook.pytest_report_from_serializable(
             config=self.config, data=data
         )
+        context = data.get("_subtest.context")
+        if isinstance(context, dict) and hasattr(report, "context"):
+            # pytest's subtests apply saferepr to the parameters again when a report is read
+            # back (n=1 would show as n='1'); they travel already represented
+            object.__setattr__(report.context, "kwargs", dict(context.get("kwargs") or {}))
         for place in event.get("lossy", ()):
-            item.warn(
-                pytest.PytestWarning(
-                    f"a value in the report of {item.nodeid} could not be carried from inside "
-                    f"its environment and is shown as its repr ({place})"
-                )
+            if place in self._lossy:
+                continue  # the same value rides on the item's every report
+            self._lossy.add(place)
+            self._warn(
+                item,
+                f"a value in the report of {item.nodeid} could not be carried from inside its "
+                f"environment and is shown as its repr ({place})",
             )
         return report
+
+    def _warn(self, item: pytest.Item, text: str) -> None:
+        """A warning about ``item`` in the run's warnings summary (as a warning raised by
+        the test would be: this is not in any test's warning capture)."""
+        path, line, _ = item.location
+        message = warnings.WarningMessage(
+            pytest.PytestWarning(text), pytest.PytestWarning, path, (line or 0) + 1
+        )
+        self.config.hook.pytest_warning_recorded.call_historic(
+            kwargs={
+                "warning_message": message,
+                "when": "runtest",
+                "nodeid": item.nodeid,
+                "location": None,
+            }
+        )
 
     def _release_held(self, item: pytest.Item, run: _Run) -> None:
         """A teardown report followed by more (a rerun): log it now."""

@@ -186,6 +186,7 @@ def _measure(directory: Path) -> object | None:
             include=parent.get_option("run:include") or None,  # type: ignore[arg-type]
             omit=parent.get_option("run:omit") or None,  # type: ignore[arg-type]
         )
+    child.set_option("run:data_file", str(directory / ".coverage"))  # the config's would win
     child.start()
     return child
 
