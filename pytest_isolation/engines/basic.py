@@ -123,14 +123,24 @@ def _matcher(extra: tuple[str, ...]) -> Callable[[str], object]:
     return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns)).match
 
 
-def make_root(engine: Engine, env_id: str, resources: Resources, **data: object) -> Path:
-    """Create ``<root>`` with ``workspace``, ``home`` and ``tmp``, recorded (with ``data``)
-    before it exists."""
+#: the directories of an environment's root
+ROOT_DIRECTORIES = ("workspace", "home", "tmp")
+
+
+def make_root(
+    engine: Engine,
+    env_id: str,
+    resources: Resources,
+    names: tuple[str, ...] = ROOT_DIRECTORIES,
+    **data: object,
+) -> Path:
+    """Create ``<root>`` with the directories ``names``, recorded (with ``data``) before
+    it exists."""
     context = engine.context
     root = context.temp_dir / f"pytest-isolation-{context.session_id[:8]}-{env_id}"
     resources.add("directory", str(root), **data)
     root.mkdir(mode=0o700)  # fails if the name exists: never adopt someone else's directory
-    for name in ("workspace", "home", "tmp"):
+    for name in names:
         (root / name).mkdir()
     return root
 

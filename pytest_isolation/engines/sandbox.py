@@ -52,6 +52,7 @@ from ..linux.cgroups import (
     remove_subtree,
 )
 from ..linux.namespaces import (
+    TMP,
     Mount,
     PendingSandbox,
     Sandbox,
@@ -67,7 +68,7 @@ from ..linux.seccomp import describe as describe_seccomp
 from ..linux.syscalls import MNT_DETACH, MS_NODEV, MS_NOSUID, mount, umount
 from ..spec import EnvSpec, Option, boolean, string
 from .base import Availability, Engine, EngineContext, Resources
-from .basic import LOCAL_OPTIONS, LocalEnvironment, make_root
+from .basic import LOCAL_OPTIONS, ROOT_DIRECTORIES, LocalEnvironment, make_root
 
 if TYPE_CHECKING:
     from ..ledger import ResourceRecord
@@ -162,6 +163,10 @@ class SandboxEnvironment(LocalEnvironment):
         self.sandbox = sandbox
         self._engine = engine
         super().__init__(env_id=env_id, spec=spec, resources=resources, root=root)
+        if sandbox.config.tmp_source is None:
+            #: the sandbox's private /tmp (a tmpfs of its own) as the host sees it, through
+            #: its init's root, while the sandbox lives
+            self.tmp = Path(f"/proc/{sandbox.init}/root{TMP}")
 
     @property
     def config(self) -> SandboxConfig:
@@ -527,9 +532,11 @@ class SandboxEngine(Engine):
             raise EnvironmentCreationError(
                 self.name, f"cannot prepare the plugin's cgroups: {exc.strerror}"
             ) from None
-        root = make_root(self, env_id, resources)
+        root = make_root(self, env_id, resources, names=("workspace", "home"))
+        tmp_source = None
         if spec.limits.disk is not None:
             _size_limited(root, spec.limits.disk, resources)
+            tmp_source = str(root / "tmp")
         cgroups = CgroupSet(root.name, self.layout, needed)
         for directory in cgroups.directories():
             resources.add("cgroup", str(directory))
@@ -542,7 +549,7 @@ class SandboxEngine(Engine):
         config = SandboxConfig(
             workspace=str(root / "workspace"),
             home=str(root / "home"),
-            private_tmp=str(root / "tmp"),
+            tmp_source=tmp_source,
             hostname=cast("str", spec.options["hostname"]),
             network=spec.limits.network is True,
             readonly_root=cast("bool", spec.options["readonly_root"]),
@@ -679,10 +686,10 @@ class _Spare:
 
 def _size_limited(root: Path, size: int, resources: Resources) -> None:
     """Mount a tmpfs of ``size`` bytes at ``root`` (recorded first) holding the workspace,
-    HOME and tmp: what the environment may write in all."""
+    HOME and tmp (the sandbox's /tmp): what the environment may write in all."""
     resources.add("mount", str(root))
     mount("tmpfs", str(root), "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=0700")
-    for name in ("workspace", "home", "tmp"):
+    for name in ROOT_DIRECTORIES:
         (root / name).mkdir()
 
 

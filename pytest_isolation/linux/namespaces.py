@@ -87,7 +87,6 @@ class SandboxConfig:
 
     workspace: str
     home: str
-    private_tmp: str
     hostname: str = "sandbox"
     network: bool = False
     readonly_root: bool = True
@@ -96,6 +95,8 @@ class SandboxConfig:
     writable: tuple[str, ...] = ()
     cgroup_procs: tuple[str, ...] = ()
     inside: bool = False
+    #: a host directory shown as the private /tmp; None: a tmpfs of the sandbox's own
+    tmp_source: str | None = None
     rootless: bool = field(default_factory=lambda: os.geteuid() != 0)
 
     @property
@@ -109,8 +110,8 @@ class SandboxConfig:
         return {
             "workspace": self.workspace,
             "home": self.home,
-            "private_tmp": self.private_tmp,
             "tmp_mountpoint": TMP,
+            "tmp_source": self.tmp_source,
             "hostname": self.hostname,
             "network": self.network,
             "readonly_root": self.readonly_root,

@@ -676,42 +676,53 @@ class _Binder:
 def _setup_mounts(config: dict[str, Any], user: int) -> bool:
     """Build the sandbox's view of the file system; whether its binds are idmapped.
 
-    In order: private propagation; mount points in the private ``/tmp``; every
+    In order: private propagation; the binds' sources cut out while they can be
+    seen; the private ``/tmp`` (a tmpfs of the sandbox's own, gone with it, so that
+    no directory of the host becomes a mount point; with a disk limit, a directory
+    of the environment's size-limited file system); a minimal ``/dev``; every
     host mount read-only; tmpfs skeletons over directories the sandbox's uid may
-    not pass through (holding only the paths bound into them); the private
-    ``/tmp``; the binds (the environment's own, then the user's ``mounts``,
-    last); a minimal ``/dev``; sockets and per-user runtime directories masked;
-    a fresh ``/proc`` with its kernel knobs read-only; a fresh ``/sys`` for a
-    private network.
+    not pass through (holding only the paths bound into them); the binds (the
+    environment's own, then the user's ``mounts``, last); sockets and per-user
+    runtime directories masked; a fresh ``/proc`` with its kernel knobs read-only;
+    a fresh ``/sys`` for a private network.
     """
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     table = mount_table()
     tmp = config["tmp_mountpoint"]
     binds = config["binds"]
-    # a source may be hidden later (by a skeleton): look at each while it can be seen
+    # a source may be hidden later (by the private /tmp, a skeleton): look at each now
     directories = {bind["source"]: os.path.isdir(bind["source"]) for bind in binds}
-    for bind in binds:  # under /tmp, mount points go in the private tmp, still writable
-        if _within(bind["target"], tmp):
-            inner = os.path.join(config["private_tmp"], os.path.relpath(bind["target"], tmp))
-            _mountpoint(inner, directory=directories[bind["source"]])
     binder = _Binder(table, user, config["idmap"])
-    binder.prepare(-1, config["private_tmp"], readonly=False)
+    tmp_source = config["tmp_source"]
+    if tmp_source is not None:
+        binder.prepare(-1, tmp_source, readonly=False)
     for number, bind in enumerate(binds):
         binder.prepare(number, bind["source"], readonly=bind["readonly"])
     if not binder.idmapped and not config["rootless"]:
         # without idmapped mounts the sandbox's root (an unprivileged uid outside) must own
         # its directories to write them; the host sees its files as that uid's
-        for directory in (config["workspace"], config["home"], config["private_tmp"]):
-            os.chown(directory, config["map_to"], config["map_to"])
-    _setup_dev(os.path.join(config["private_tmp"], ".pytest-isolation-dev"))
+        for directory in (config["workspace"], config["home"], tmp_source):
+            if directory is not None:
+                os.chown(directory, config["map_to"], config["map_to"])
+    tmp_flags = sc.MS_NOSUID | sc.MS_NODEV
+    if tmp_source is None:
+        sc.mount("tmpfs", tmp, "tmpfs", tmp_flags, "mode=1777")
+        _setup_dev(os.path.join(tmp, ".pytest-isolation-dev"))
+    else:  # a directory of the environment's size-limited file system, seen from the host
+        # side here (through an idmapped bind, root of the host could not write it)
+        for bind in binds:
+            if _within(bind["target"], tmp):
+                inner = os.path.join(tmp_source, os.path.relpath(bind["target"], tmp))
+                _mountpoint(inner, directory=directories[bind["source"]])
+        _setup_dev(os.path.join(tmp_source, ".pytest-isolation-dev"))
+        binder.bind(-1, tmp_source, tmp, readonly=False)
     if config["readonly_root"]:
         _read_only(table)
+        sc.mount(None, tmp, None, sc.MS_BIND | sc.MS_REMOUNT | tmp_flags)  # writable again
     for skeleton in config["skeletons"]:
         sc.mount("tmpfs", skeleton, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755,size=64k")
     for bind in binds:
-        if not _within(bind["target"], tmp):
-            _mountpoint(bind["target"], directory=directories[bind["source"]])
-    binder.bind(-1, config["private_tmp"], tmp, readonly=False)
+        _mountpoint(bind["target"], directory=directories[bind["source"]])
     for number, bind in enumerate(binds):
         binder.bind(number, bind["source"], bind["target"], readonly=bind["readonly"])
     for directory in config["masked_dirs"]:
