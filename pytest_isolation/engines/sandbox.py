@@ -288,7 +288,10 @@ class SandboxEnvironment(LocalEnvironment):
         os.environ.clear()
         os.environ.update(self.environ)
         os.environ.update(kept)
-        tempfile.tempdir = None  # TMPDIR is the sandbox's own now
+        if tempfile.tempdir is not None:
+            # the sandbox's TMPDIR, as tempfile found the runner's: without probing it anew
+            # (a test that watches os.unlink would see the probe in-process never makes)
+            tempfile.tempdir = self.environ.get("TMPDIR", tempfile.tempdir)
 
     def explain_exit(self, status: int | None, timed_out: bool, error: str) -> str:
         counters = self.cgroups.counters()
