@@ -240,16 +240,19 @@ class IsolationSession:
             )
         if session.config.option.collectonly:
             return True
-        for index, item in enumerate(session.items):
-            nextitem = session.items[index + 1] if index + 1 < len(session.items) else None
-            if self.runs_inside(item):
-                self.inside.run(item, nextitem)
-            else:
-                item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
-            if session.shouldfail:
-                raise session.Failed(session.shouldfail)
-            if session.shouldstop:
-                raise session.Interrupted(session.shouldstop)
+        try:
+            for index, item in enumerate(session.items):
+                nextitem = session.items[index + 1] if index + 1 < len(session.items) else None
+                if self.runs_inside(item):
+                    self.inside.run(item, nextitem)
+                else:
+                    item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+                if session.shouldfail:
+                    raise session.Failed(session.shouldfail)
+                if session.shouldstop:
+                    raise session.Interrupted(session.shouldstop)
+        finally:
+            self.inside.close()  # a next test made ahead whose turn never came
         return True
 
     @pytest.hookimpl(tryfirst=True)
@@ -331,8 +334,9 @@ class IsolationSession:
             if used is not None:
                 for title, text in used.report_sections():
                     report.sections.append((f"isolation: {title}", text))
-        if self._events:
-            # rides on the report so that it reaches the xdist controller too
+        if self._events and not (self._inside is not None and self._inside.in_worker):
+            # rides on the report so that it reaches the xdist controller too (a forked
+            # worker's are copies of the runner's, which the runner sends itself)
             report.isolation_events = self._events  # type: ignore[attr-defined]
             self._events = []
         return report
@@ -430,6 +434,8 @@ class IsolationSession:
         self._previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
 
     def close(self) -> None:
+        if self._inside is not None:
+            self._inside.close()
         if self._sweeping is not None:
             try:
                 self._sweeping.wait(timeout=30)

@@ -356,8 +356,12 @@ def test_ctrl_c_in_an_embedded_run_leaves_no_child_behind(pytester: pytest.Pytes
         def test_long():
             subprocess.Popen(["sleep", "300.5137"])
             time.sleep(300)
+
+        def test_next():  # made ahead, waiting, when Ctrl-C comes
+            pass
         """
     )
+    pytester.makeconftest(RECORD_ROOTS)
     script = pytester.makepyfile(
         host="""
         import os, signal, sys, threading, time
@@ -377,6 +381,9 @@ def test_ctrl_c_in_an_embedded_run_leaves_no_child_behind(pytester: pytest.Pytes
     result = pytester.run(sys.executable, str(script), timeout=60)
     line = next(line for line in result.outlines if line.startswith("RESULT"))
     assert line == "RESULT 2 [] []", line
+    roots = (pytester.path / "roots.txt").read_text().split()
+    assert len(roots) == 2
+    assert [root for root in roots if Path(root).exists()] == []
 
 
 # --- 10. the fork of a multi-threaded runner -----------------------------------------------------
@@ -498,6 +505,29 @@ def test_hypothesis_keeps_its_example_database(pytester: pytest.Pytester) -> Non
     assert (pytester.path / ".hypothesis").is_dir()
 
 
+def test_tempfile_knows_its_directory_as_in_process(pytester: pytest.Pytester) -> None:
+    """tempfile found its directory before the test, in the runner: inside it is the
+    sandbox's /tmp, known as well, so the test sees no probe file made and unlinked
+    (click's suite watches os.unlink around its pager's temporary file)."""
+    pytester.makepyfile(
+        """
+        import os, tempfile
+
+        def test_no_probe(monkeypatch):
+            unlinked = []
+            monkeypatch.setattr(os, "unlink", lambda *args, **kwargs: unlinked.append(args))
+            with tempfile.NamedTemporaryFile(delete=False) as handle:
+                name = handle.name
+            assert unlinked == []
+            monkeypatch.undo()
+            os.unlink(name)
+        """
+    )
+    here, inside = both(pytester)
+    assert_same(here, inside)
+    inside.assert_outcomes(passed=1)
+
+
 # --- 14. tmp_path litter -------------------------------------------------------------------------
 
 
@@ -531,6 +561,107 @@ def test_loading_the_plugin_imports_nothing_coverage_would_miss() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+# --- 16. the next test, made ahead -------------------------------------------------------------
+
+#: Each test leaves a mark in pytest's base temporary directory (writable inside) when it runs.
+MARKS = """
+import os, pytest
+
+def mark(request, tmp_path_factory):
+    (tmp_path_factory.getbasetemp() / request.node.name).touch()
+
+def test_first(request, tmp_path_factory):
+    mark(request, tmp_path_factory)
+
+def test_fails(request, tmp_path_factory):
+    mark(request, tmp_path_factory)
+    assert False
+
+def test_after(request, tmp_path_factory):
+    mark(request, tmp_path_factory)
+
+def test_last(request, tmp_path_factory):
+    mark(request, tmp_path_factory)
+"""
+
+RECORD_ROOTS = """
+def pytest_isolation_env_created(env):
+    with open("roots.txt", "a") as roots:
+        roots.write(f"{env.root}\\n")
+"""
+
+
+@pytest.mark.parametrize("stop", [["-x"], ["--maxfail=1"], ["--sw-reset"]])
+def test_a_test_made_ahead_never_runs_when_the_run_stops_before_it(
+    pytester: pytest.Pytester, stop: list[str]
+) -> None:
+    """The next test's worker waits, made ahead, while one runs: when the run stops after
+    a failure (-x, --maxfail, --sw) it never starts, and its environment goes."""
+    pytester.makepyfile(test_marks=MARKS)
+    pytester.makeconftest(RECORD_ROOTS)
+    ran = {}
+    results = []
+    base = pytester.path / "base"  # emptied by each run
+    for name, extra in (("here", ()), ("inside", INSIDE)):
+        result = pytester.runpytest_subprocess(f"--basetemp={base}", *stop, *extra, timeout=TIMEOUT)
+        results.append(result)
+        ran[name] = sorted(p.name for p in base.iterdir() if p.name.startswith("test_"))
+    assert_same(*results)
+    assert ran["here"] == ran["inside"] == ["test_fails", "test_first"]
+    roots = (pytester.path / "roots.txt").read_text().split()
+    assert len(roots) == 3  # test_after's too, made ahead
+    assert [root for root in roots if Path(root).exists()] == []
+
+
+def test_an_environment_made_ahead_that_fails_is_its_own_tests_error_in_order(
+    pytester: pytest.Pytester,
+) -> None:
+    """The next test's environment is made while one runs; when that fails, the error is
+    the next test's set-up error, reported after the running test, as in-process."""
+    pytester.makeconftest(
+        """
+        def pytest_isolation_env_creating(spec):
+            if spec.options.get("hostname") == "broken":
+                raise RuntimeError("no sandbox named broken today")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_a():
+            pass
+
+        @pytest.mark.isolated("sandbox", hostname="broken")
+        def test_b():
+            pass
+
+        def test_c():
+            pass
+        """
+    )
+    junit = pytester.path / "junit.xml"
+    result = pytester.runpytest_subprocess(
+        "-v", "-rA", f"--junitxml={junit}", *INSIDE, timeout=TIMEOUT
+    )
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_a PASSED*",
+            "*::test_b ERROR*",
+            "*::test_c PASSED*",
+            "*ERROR at setup of test_b*",
+            "*RuntimeError: no sandbox named broken today*",
+        ]
+    )
+    cases = ET.parse(junit).getroot().iter("testcase")
+    assert [(case.get("name"), [c.tag for c in case]) for case in cases] == [
+        ("test_a", []),
+        ("test_b", ["error"]),
+        ("test_c", []),
+    ]
 
 
 # --- a real suite, both ways ---------------------------------------------------------------------

@@ -14,13 +14,9 @@ pytest would have done.
 from __future__ import annotations
 
 import contextlib
-import gc
-import os
 import shutil
-import signal
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pytest
 
 from . import worker
-from .channel import Channel, ChannelClosed
+from .channel import ChannelClosed
+from .fork import ForkedWorker
 
 if TYPE_CHECKING:
     from ..engines.base import IsolatedEnvironment
@@ -46,6 +43,9 @@ class Host(Protocol):
     def log(self, item: pytest.Item, report: pytest.TestReport) -> None:
         """Log ``report`` for ``item`` (``pytest_runtest_logreport``)."""
 
+    def runs_inside(self, item: pytest.Item) -> bool:
+        """Whether ``item``'s body runs inside its environment."""
+
 
 @dataclass
 class _Run:
@@ -62,15 +62,33 @@ class _Run:
     interrupted: BaseException | None = None  # what stopped the runner while it waited
 
 
+@dataclass
+class _Ready:
+    """An item's environment made and its worker waiting for its turn, or why not."""
+
+    item: pytest.Item
+    made: pytest.CallInfo[tuple[IsolatedEnvironment, ForkedWorker]]
+    coverage: Path
+
+    def descriptors(self) -> list[int]:
+        return [] if self.made.excinfo is not None else self.made.result[1].descriptors()
+
+
 class Controller:
-    """Runs items inside their environments, one at a time, for one pytest run."""
+    """Runs items inside their environments, one at a time, for one pytest run.
+
+    While one test runs, the next one's environment is made and its worker forked
+    and waiting (see :mod:`.fork`); when the test is done the next one starts at
+    once, and the finished test's environment is torn down beside it.  Reports are
+    fired in the order pytest would fire them: the next test's events wait in their
+    channel until the previous test's teardown is logged.
+    """
 
     def __init__(self, config: pytest.Config, host: Host) -> None:
         self.config = config
         self.host = host
         self.relay = worker.Relay(config)
-        #: set in a worker: the plugin's own protocol hook must then step aside
-        self.in_worker = False
+        self._ahead: _Ready | None = None  # the next item, made and waiting for its turn
         config.pluginmanager.register(self.relay, "isolation-relay")
 
     def run(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -78,62 +96,98 @@ class Controller:
         environment; raises what pytest would have raised in-process (``pytest.exit``,
         ``KeyboardInterrupt``)."""
         self._lossy: set[str] = set()
-        made = pytest.CallInfo.from_call(lambda: self.host.inside_environment(item), when="setup")
-        if made.excinfo is not None:  # skipped, unavailable or failed to make
-            self._without_worker(item, nextitem, made)
+        ready = self._take_ahead(item) or self._prepare(item)
+        if ready.made.excinfo is not None:  # skipped, unavailable or failed to make
+            self._without_worker(item, nextitem, ready.made)
             return
-        env = made.result
-        coverage = Path(env.path or env.id)
+        env, started = ready.made.result
         run = _Run()
         try:
-            pid = self._start(item, env, coverage)
-            self._follow(item, env, pid, run)
-        finally:
-            self._finish(item, nextitem, env, run, coverage)
+            started.go()
+            if nextitem is not None and self.host.runs_inside(nextitem):
+                self._ahead = self._prepare(nextitem)
+            self._follow(item, env, started, run)
+        except BaseException as exc:  # the runner was stopped while it waited
+            run.interrupted = exc
+        self._finish(item, nextitem, ready, run)
 
-    # --- start and follow a worker ---
+    def close(self) -> None:
+        """Let a worker made ahead go unused (the run stopped before its turn) and tear
+        its environment down."""
+        ready, self._ahead = self._ahead, None
+        if ready is None or ready.made.excinfo is not None:
+            return
+        env, started = ready.made.result
+        started.end(kill=True)
+        try:
+            self.host.finish_environment(ready.item, env)
+        except Exception as exc:  # no test to report it on: the run's warnings say it
+            self._warn(
+                ready.item,
+                f"the environment of {ready.item.nodeid}, made ahead and "
+                f"never used, could not be torn down: {exc}",
+            )
 
-    def _start(self, item: pytest.Item, env: IsolatedEnvironment, coverage: Path) -> int:
-        """Fork a worker that enters ``env``; the runner keeps the channel's read end."""
+    # --- make an environment and start its worker ---
+
+    def _take_ahead(self, item: pytest.Item) -> _Ready | None:
+        ready, self._ahead = self._ahead, None
+        if ready is not None and ready.item is not item:  # not the item the runner expected
+            self._ahead = ready
+            self.close()
+            return None
+        return ready
+
+    def _prepare(self, item: pytest.Item) -> _Ready:
+        """Make ``item``'s environment and fork its worker, waiting for its turn; how
+        that went, as pytest's record of a set-up."""
+        coverage: list[Path] = []
+
+        def make() -> tuple[IsolatedEnvironment, ForkedWorker]:
+            env = self.host.inside_environment(item)
+            coverage.append(Path(env.path or env.id))
+            try:
+                return env, self._fork(item, env, coverage[0])
+            except BaseException:
+                with contextlib.suppress(Exception):  # the fork's error is the one to see
+                    self.host.finish_environment(item, env)
+                raise
+
+        made = pytest.CallInfo.from_call(
+            make, when="setup", reraise=(pytest.exit.Exception, KeyboardInterrupt)
+        )
+        return _Ready(item, made, coverage[0] if coverage else Path())
+
+    def _fork(self, item: pytest.Item, env: IsolatedEnvironment, coverage: Path) -> ForkedWorker:
         factory = getattr(self.config, "_tmp_path_factory", None)  # pytest's, no public API
         if factory is not None:
             factory.getbasetemp()  # made here once, so that workers share it
-        read, write = os.pipe()
-        with env.forking(), _quiet_fork_warning():
-            gc.freeze()  # the worker does not touch (and copy) the runner's objects
-            try:
-                pid = os.fork()
-            finally:
-                if pid != 0:
-                    gc.unfreeze()
-        if pid == 0:  # pragma: no cover - the worker; its events are checked by the runner
-            os.close(read)
-            self.in_worker = True
-            worker.run(item, env, Channel(write), self.relay, coverage)
-        os.close(write)
-        self._channel = Channel(read)
-        return pid
+        others = self._ahead.descriptors() if self._ahead is not None else []
+        return ForkedWorker.start(item, env, self.relay, coverage, others=others)
 
-    def _follow(self, item: pytest.Item, env: IsolatedEnvironment, pid: int, run: _Run) -> None:
+    @property
+    def in_worker(self) -> bool:
+        """True in a worker running its test: the plugin's own protocol hook steps aside."""
+        return self.relay.channel is not None
+
+    # --- follow a worker ---
+
+    def _follow(
+        self, item: pytest.Item, env: IsolatedEnvironment, started: ForkedWorker, run: _Run
+    ) -> None:
         """Fire the worker's events here until it is done, dies, or runs out of time."""
         limit = env.spec.limits.timeout
         deadline = None if limit is None else time.monotonic() + limit
-        channel = self._channel
-        try:
-            while run.done is None:
-                try:
-                    event = channel.receive(deadline)
-                except ChannelClosed:
-                    break
-                if event is None:
-                    run.timed_out = True
-                    break
-                self._fire(item, event, run)
-        except BaseException as exc:  # the runner was stopped while it waited
-            run.interrupted = exc
-        finally:
-            channel.close()
-            run.status = _end(pid, kill=run.done is None)
+        channel = started.channel
+        while run.done is None:
+            try:
+                event = channel.receive(deadline)
+            except ChannelClosed:
+                break
+            if event is None:
+                run.timed_out = True
+                break
+            self._fire(item, event, run)
 
     def _fire(self, item: pytest.Item, event: dict[str, Any], run: _Run) -> None:
         name = event["event"]
@@ -216,20 +270,17 @@ class Controller:
     # --- the end of an item ---
 
     def _finish(
-        self,
-        item: pytest.Item,
-        nextitem: pytest.Item | None,
-        env: IsolatedEnvironment,
-        run: _Run,
-        coverage: Path,
+        self, item: pytest.Item, nextitem: pytest.Item | None, ready: _Ready, run: _Run
     ) -> None:
         ihook = item.ihook
+        env, started = ready.made.result
+        run.status = started.end(kill=run.done is None)
         if not run.started:
             ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         if run.done is None or run.interrupted is not None:
             self._died(item, env, run)
-        _collect_coverage(run.done, coverage)
-        teardown = self._teardown_here(item, nextitem, env)
+        _collect_coverage(run.done, ready.coverage)
+        teardown = self._teardown_here(item, nextitem, env, run)
         report = teardown if teardown is not None else run.held
         if report is None:  # the worker never got as far as its teardown
             nothing = pytest.CallInfo.from_call(lambda: None, when="teardown")
@@ -238,12 +289,31 @@ class Controller:
             report.sections = run.held.sections + report.sections
         self.host.log(item, report)
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        if self._ahead is not None and not self._goes_on(item, run):
+            self.close()  # started beside this teardown, which then stopped the run
         if isinstance(run.interrupted, KeyboardInterrupt | pytest.exit.Exception):
             raise run.interrupted
         if run.done is not None and run.done.get("interrupted"):
             raise KeyboardInterrupt
         if run.done is not None and "exit" in run.done:
             pytest.exit(str(run.done["exit"]), returncode=run.done.get("returncode"))
+
+    def _goes_on(self, item: pytest.Item, run: _Run) -> bool:
+        """Whether the run goes on after ``item`` (what pytest's loop checks, and what
+        the worker reported: ``pytest.exit``, an interrupt)."""
+        session = item.session
+        if session.shouldfail or session.shouldstop:
+            return False
+        if isinstance(run.interrupted, KeyboardInterrupt | pytest.exit.Exception):
+            return False
+        return run.done is None or not (run.done.get("interrupted") or "exit" in run.done)
+
+    def _may_start_next(self, item: pytest.Item, run: _Run) -> bool:
+        """Whether the next test may start before this one's teardown is logged: when the
+        run goes on and no teardown failure of the worker's may stop it (``-x``)."""
+        if self._ahead is None or self._ahead.made.excinfo is not None:
+            return False
+        return self._goes_on(item, run) and not (run.held is not None and run.held.failed)
 
     def _died(self, item: pytest.Item, env: IsolatedEnvironment, run: _Run) -> None:
         """Reports for the phases the worker never reported: why it ended, as a failure."""
@@ -263,19 +333,27 @@ class Controller:
             self.host.log(item, _made(item, call))
 
     def _teardown_here(
-        self, item: pytest.Item, nextitem: pytest.Item | None, env: IsolatedEnvironment
+        self,
+        item: pytest.Item,
+        nextitem: pytest.Item | None,
+        env: IsolatedEnvironment,
+        run: _Run,
     ) -> pytest.TestReport | None:
         """The runner's part of the teardown: what it set up for earlier items and the next
-        one does not need, then the environment.  A failing report, or None."""
+        one does not need, then the environment — torn down while the next test, already
+        waiting, runs.  A failing report, or None."""
         state = item.session._setupstate  # no public API: pytest's per-session setup stack
         ours = pytest.CallInfo.from_call(lambda: state.teardown_exact(nextitem), when="teardown")
-        if ours.excinfo is None:
-            ours = pytest.CallInfo.from_call(
-                lambda: self.host.finish_environment(item, env), when="teardown"
-            )
-        if ours.excinfo is None:
+        if ours.excinfo is None and self._may_start_next(item, run):
+            assert self._ahead is not None
+            self._ahead.made.result[1].go()
+        released = pytest.CallInfo.from_call(
+            lambda: self.host.finish_environment(item, env), when="teardown"
+        )
+        failed = ours if ours.excinfo is not None else released
+        if failed.excinfo is None:
             return None
-        return _made(item, ours)
+        return _made(item, failed)
 
     def _without_worker(
         self, item: pytest.Item, nextitem: pytest.Item | None, made: pytest.CallInfo[Any]
@@ -312,23 +390,6 @@ def _raiser(error: BaseException) -> Any:
     return raise_it
 
 
-def _end(pid: int, *, kill: bool) -> int:
-    """Reap the worker (killing its process group first if it has not finished); its exit
-    status, a death by signal as 128 + signal."""
-    if kill:
-        for target in (-pid, pid):  # the worker leads its own process group
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(target, signal.SIGKILL)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            return 0
-        return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
 def _collect_coverage(done: dict[str, Any] | None, directory: Path) -> None:
     """Move the worker's coverage data beside the run's own, where coverage.py (or
     pytest-cov) combines it."""
@@ -342,16 +403,3 @@ def _collect_coverage(done: dict[str, Any] | None, directory: Path) -> None:
         return
     data_file = Path(str(current.get_option("run:data_file") or ".coverage")).absolute()
     shutil.move(source, data_file.with_name(data_file.name + source.name[len(".coverage") :]))
-
-
-@contextlib.contextmanager
-def _quiet_fork_warning() -> Iterator[None]:
-    """Python 3.12+ warns when a multi-threaded process forks; the fork is the plugin's,
-    and the worker touches nothing of the other threads: not the user's warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=r".*use of fork\(\) may lead to deadlocks",
-            category=DeprecationWarning,
-        )
-        yield

@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -89,15 +90,22 @@ def serialize_warning(message: warnings.WarningMessage) -> dict[str, Any]:
 
 
 def run(
-    item: pytest.Item, env: IsolatedEnvironment, channel: Channel, relay: Relay, coverage: Path
+    item: pytest.Item,
+    env: IsolatedEnvironment,
+    channel: Channel,
+    relay: Relay,
+    coverage: Path,
+    *,
+    turn: Callable[[], bool] | None = None,
 ) -> NoReturn:
-    """In the forked child: enter ``env``, run ``item``'s protocol, report, exit.
+    """In the forked child: enter ``env``, wait for ``turn`` (when given; False: exit
+    without a word), run ``item``'s protocol, report, exit.
 
     Nothing leaves this function but the process itself: an error anywhere becomes a
     ``crash`` event, and the child exits.
     """
     try:
-        _run(item, env, channel, relay, coverage)
+        _run(item, env, channel, relay, coverage, turn=turn)
     except BaseException:
         with contextlib.suppress(BaseException):
             channel.send("crash", error=traceback.format_exc())
@@ -106,15 +114,22 @@ def run(
 
 
 def _run(
-    item: pytest.Item, env: IsolatedEnvironment, channel: Channel, relay: Relay, coverage: Path
+    item: pytest.Item,
+    env: IsolatedEnvironment,
+    channel: Channel,
+    relay: Relay,
+    coverage: Path,
+    *,
+    turn: Callable[[], bool] | None,
 ) -> None:
     env.enter()
-    config = item.config
-    _quiet(config)
-    relay.channel = channel
-    measured = _measure(coverage)
+    _quiet(item.config)
     state = item.session._setupstate  # no public API: pytest's per-session setup stack
     _adopt(state, item)
+    if turn is not None and not turn():
+        return  # the run ended before this test's turn
+    relay.channel = channel
+    measured = _measure(coverage)
     outcome: dict[str, object] = {}
     try:
         item.ihook.pytest_runtest_protocol(item=item, nextitem=None)
