@@ -9,6 +9,7 @@ an error can name the place to fix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -458,9 +459,10 @@ class EnvSpec:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """A canonical text form: two specs with the same key make equivalent environments."""
+        """A canonical text form: two specs with the same key make equivalent environments
+        (made once per spec: the spec is immutable)."""
         return json.dumps(
             {
                 "engine": self.engine,

@@ -324,6 +324,7 @@ class SandboxEnvironment(LocalEnvironment):
 RUNNER_VARIABLES = ("PYTEST_", "PYTHON", "COV_CORE_", "COVERAGE_", "VIRTUAL_ENV")
 
 
+@functools.lru_cache(maxsize=1)
 def _interpreter() -> tuple[str, ...]:
     """The running interpreter's installation and environment: ``sys.executable`` works
     inside (read-only), also where the sandbox's uid could not reach it otherwise."""
@@ -338,8 +339,15 @@ def _paths(spec: EnvSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
     writable = cast("tuple[str, ...]", spec.options["writable"])
     if not spec.options.get("inside"):
         return _interpreter(), writable
-    here = [d for d in dict.fromkeys((os.getcwd(), *sys.path)) if d and os.path.isdir(d)]
-    return _interpreter() + tuple(os.path.realpath(p) for p in here), writable
+    return _interpreter() + _import_path(os.getcwd(), tuple(sys.path)), writable
+
+
+@functools.lru_cache(maxsize=8)
+def _import_path(cwd: str, path: tuple[str, ...]) -> tuple[str, ...]:
+    """The directories of the working directory and import path (as one test after the
+    other has them: looked at once)."""
+    here = [d for d in dict.fromkeys((cwd, *path)) if d and os.path.isdir(d)]
+    return tuple(os.path.realpath(p) for p in here)
 
 
 def _size(value: int | None) -> str:

@@ -274,13 +274,15 @@ class Controller:
     ) -> None:
         ihook = item.ihook
         env, started = ready.made.result
-        run.status = started.end(kill=run.done is None)
+        ended = run.done is None or run.interrupted is not None
+        if ended:  # a worker that is done is reaped once the next one went
+            run.status = started.end(kill=True)
         if not run.started:
             ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        if run.done is None or run.interrupted is not None:
+        if ended:
             self._died(item, env, run)
         _collect_coverage(run.done, ready.coverage)
-        teardown = self._teardown_here(item, nextitem, env, run)
+        teardown = self._teardown_here(item, nextitem, ready, run)
         report = teardown if teardown is not None else run.held
         if report is None:  # the worker never got as far as its teardown
             nothing = pytest.CallInfo.from_call(lambda: None, when="teardown")
@@ -336,17 +338,21 @@ class Controller:
         self,
         item: pytest.Item,
         nextitem: pytest.Item | None,
-        env: IsolatedEnvironment,
+        ready: _Ready,
         run: _Run,
     ) -> pytest.TestReport | None:
         """The runner's part of the teardown: what it set up for earlier items and the next
-        one does not need, then the environment — torn down while the next test, already
-        waiting, runs.  A failing report, or None."""
+        one does not need, then the worker's exit and the environment — while the next
+        test, already waiting, runs.  A failing report, or None."""
+        env, started = ready.made.result
         state = item.session._setupstate  # no public API: pytest's per-session setup stack
         ours = pytest.CallInfo.from_call(lambda: state.teardown_exact(nextitem), when="teardown")
         if ours.excinfo is None and self._may_start_next(item, run):
             assert self._ahead is not None
             self._ahead.made.result[1].go()
+        if run.status is None:
+            # before its environment goes: a PID namespace's init waits for it to be reaped
+            run.status = started.end(kill=False)
         released = pytest.CallInfo.from_call(
             lambda: self.host.finish_environment(item, env), when="teardown"
         )

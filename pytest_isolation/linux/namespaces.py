@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import select
 import socket
@@ -125,7 +126,9 @@ class SandboxConfig:
             ],
             "skeletons": [] if self.rootless else skeletons(b.target for b in binds),
             "masked_dirs": list(MASKED_DIRECTORIES),
-            "masked_sockets": unix_sockets(exclude=(TMP, *MASKED_DIRECTORIES)),
+            # the listening ones of the host's network, but these: listed by the sandbox's
+            # process while it still is in that network (beside the run, not in it)
+            "masked_sockets_but": [TMP, *MASKED_DIRECTORIES],
             "cgroup_procs": list(self.cgroup_procs),
             "inside": self.inside,
             "seccomp": base64.b64encode(seccomp).decode(),
@@ -140,7 +143,7 @@ class SandboxConfig:
         ]
         automatic += [Mount(p, p, False) for p in self.writable]
         for path in self.needed:
-            if _within(path, TMP) or (not self.rootless and not reachable(path, SANDBOX_UID)):
+            if _within(path, TMP) or (not self.rootless and not _sandbox_reaches(path)):
                 automatic.append(Mount(path, path, True))
         kept: list[Mount] = []
         for bind in sorted(automatic, key=lambda m: m.target.count("/")):
@@ -179,6 +182,14 @@ def reachable(path: str, uid: int) -> bool:
     return blocked_ancestor(path, uid) is None
 
 
+@functools.lru_cache(maxsize=256)
+def _sandbox_reaches(path: str) -> bool:
+    """:func:`reachable` for the sandbox's uid, looked at once per run for each path (the
+    interpreter and the import path, the same for every environment): a path that later
+    turns unreachable fails to import inside, one that turns reachable is bound anyway."""
+    return reachable(path, SANDBOX_UID)
+
+
 def blocked_ancestor(path: str, uid: int) -> str | None:
     """The outermost directory above ``path`` that ``uid`` may not pass through."""
     parts = Path(path).parts
@@ -205,22 +216,6 @@ def skeletons(targets: Iterable[str]) -> list[str]:
         if blocked is not None and not any(_within(blocked, f) for f in found):
             found = [f for f in found if not _within(f, blocked)] + [blocked]
     return sorted(found)
-
-
-def unix_sockets(exclude: Sequence[str]) -> list[str]:
-    """Paths of the listening Unix sockets of this network namespace (``/proc/net/unix``),
-    but those under ``exclude``: what the sandbox must not connect to."""
-    paths: set[str] = set()
-    try:
-        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
-            next(table, None)
-            for line in table:
-                fields = line.split(maxsplit=7)
-                if len(fields) == 8 and fields[7].startswith("/"):
-                    paths.add(fields[7].rstrip("\n"))
-    except OSError:
-        return []
-    return sorted(p for p in paths if not any(_within(p, d) for d in exclude))
 
 
 # --- the zygote --------------------------------------------------------------------------------

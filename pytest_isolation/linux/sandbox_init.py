@@ -193,6 +193,7 @@ def _outer(config: dict[str, Any], fds: list[int], users: dict[str, int]) -> NoR
         flags = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
         if not config["network"]:
             flags |= sc.CLONE_NEWNET
+        config["masked_sockets"] = unix_sockets(exclude=config["masked_sockets_but"])
         sc.unshare(flags)
         init = os.fork()
     except BaseException as exc:
@@ -602,6 +603,22 @@ def _which(name: str, path: str) -> str:
 
 
 # --- mounts ------------------------------------------------------------------------------------
+
+
+def unix_sockets(exclude: list[str]) -> list[str]:
+    """Paths of the listening Unix sockets of this network namespace (``/proc/net/unix``),
+    but those under ``exclude``: what the sandbox must not connect to."""
+    paths: set[str] = set()
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+            next(table, None)
+            for line in table:
+                fields = line.split(maxsplit=7)
+                if len(fields) == 8 and fields[7].startswith("/"):
+                    paths.add(fields[7].rstrip("\n"))
+    except OSError:
+        return []
+    return sorted(p for p in paths if not any(_within(p, d) for d in exclude))
 
 
 def mount_table() -> list[tuple[str, set[str]]]:
